@@ -1,0 +1,49 @@
+"""The "pqcache" attention function registered with transformers' AttentionInterface.
+
+transformers calls it for every attention layer with the layer's projected, rotated query/key/value. Prefill
+(q_len > 1), sliding-window layers, short prompts and calls without a PQ cache run the model's own SDPA path
+unchanged; a decode step (q_len == 1) of a PQ layer attends only to its selected tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .cache import PQCache, PQLayer
+
+ATTN_NAME = "pqcache"
+
+
+def pqcache_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query: [B, H, q, D]; key/value: [B, Hkv, max_len, D] (the cache's buffers). Returns ([B, q, H, Dv], None)."""
+    cache = getattr(module, "_pqpatch_cache", None)
+    layer = cache.layers[module.layer_idx] if isinstance(cache, PQCache) else None
+    if not isinstance(layer, PQLayer):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    q_len = query.shape[2]
+    if q_len == 1 and layer.active:
+        return layer.decode(query, scaling), None
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if q_len > 1:
+        layer.after_prefill(attention_mask, query.shape[0])
+    elif layer.start is None:  # a 1-token prompt: nothing to cluster, stay dense
+        layer.after_prefill(attention_mask, query.shape[0])
+    return out
+
+
+def cache_capture_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """forward pre-hook: hand the attention function the cache (`cache=` in transformers >= 5.24, else
+    `past_key_values=`), which transformers does not pass to attention functions."""
+    module._pqpatch_cache = kwargs.get("cache", kwargs.get("past_key_values"))

@@ -1,0 +1,121 @@
+"""PQCacheConfig: the one frozen, validated description of how a model is patched."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SELECTIONS = ("pq", "oracle", "streaming", "quest")
+BACKENDS = ("auto", "torch", "triton")
+CACHE_POLICIES = ("lfu", "lru")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return (isinstance(x, (int, float))) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class PQCacheConfig:
+    """How decoding attends to a long cache. Every field is checked in `__post_init__`.
+
+    token_budget: tokens attended per decode step in total (sink + top-k + local window). A float in (0, 1] is a
+        fraction of the context the cache is built for (prompt + max_new_tokens); an int >= 1 is a count.
+    sink_tokens: first tokens of every sequence, always attended.
+    local_tokens: most recent tokens, always attended: a float in [0, 1) is a fraction of the budget, an int a
+        count.
+    num_subspaces: m, product-quantization sub-spaces per key (must divide the head dim).
+    bits: b, 2**b centroids per sub-space (1..8).
+    kmeans_iters, seed: k-means iterations and seed.
+    num_threads: clustering thread-pool size (None: min(4, CPU count)).
+    min_context: prompts shorter than this stay fully dense.
+    selection: "pq" (PQCache), "oracle" (exact top-k: the upper bound), "streaming" (sink + local only),
+        "quest" (pages scored by the per-channel min/max bound).
+    backend: "auto" (Triton on CUDA, else PyTorch), "torch", "triton".
+    offload: keep the middle of the KV cache in (pinned) CPU memory, fetch selected tokens through a GPU block
+        cache.
+    quest_page_tokens: page size of the "quest" selection.
+    cache_block_tokens, gpu_cache_tokens, cache_policy: the offload block cache (block size, capacity, "lfu"/"lru").
+    """
+
+    token_budget: float | int = 0.2
+    sink_tokens: int = 32
+    local_tokens: float | int = 0.5
+    num_subspaces: int = 2
+    bits: int = 6
+    kmeans_iters: int = 10
+    seed: int = 0
+    num_threads: int | None = None
+    min_context: int = 1024
+    selection: str = "pq"
+    backend: str = "auto"
+    offload: bool = False
+    quest_page_tokens: int = 16
+    cache_block_tokens: int = 64
+    gpu_cache_tokens: int = 4096
+    cache_policy: str = "lfu"
+
+    def __post_init__(self) -> None:
+        tb = self.token_budget
+        if not _is_number(tb) or (isinstance(tb, float) and not (0.0 < tb <= 1.0)) or (_is_int(tb) and tb < 1):
+            raise ValueError(
+                f"token_budget must be a float in (0, 1] (a fraction of the context) or an int >= 1 "
+                f"(a token count), got {tb!r}"
+            )
+        if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
+        lt = self.local_tokens
+        if not _is_number(lt) or (isinstance(lt, float) and not (0.0 <= lt < 1.0)) or (_is_int(lt) and lt < 1):
+            raise ValueError(
+                f"local_tokens must be a float in [0, 1) (a fraction of the budget) or an int >= 1 (a count), "
+                f"got {lt!r}"
+            )
+        if not _is_int(self.num_subspaces) or self.num_subspaces < 1:
+            raise ValueError(f"num_subspaces must be an int >= 1 dividing the head dim, got {self.num_subspaces!r}")
+        if not _is_int(self.bits) or not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be an int in 1..8 (2**bits centroids per sub-space), got {self.bits!r}")
+        if not _is_int(self.kmeans_iters) or self.kmeans_iters < 1:
+            raise ValueError(f"kmeans_iters must be an int >= 1, got {self.kmeans_iters!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.num_threads is not None and (not _is_int(self.num_threads) or self.num_threads < 1):
+            raise ValueError(f"num_threads must be None or an int >= 1, got {self.num_threads!r}")
+        if not _is_int(self.min_context) or self.min_context < 1:
+            raise ValueError(f"min_context must be an int >= 1, got {self.min_context!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"offload must be True or False, got {self.offload!r}")
+        if not _is_int(self.quest_page_tokens) or self.quest_page_tokens < 1:
+            raise ValueError(f"quest_page_tokens must be an int >= 1, got {self.quest_page_tokens!r}")
+        if not _is_int(self.cache_block_tokens) or self.cache_block_tokens < 1:
+            raise ValueError(f"cache_block_tokens must be an int >= 1, got {self.cache_block_tokens!r}")
+        if not _is_int(self.gpu_cache_tokens) or self.gpu_cache_tokens < 0:
+            raise ValueError(f"gpu_cache_tokens must be an int >= 0, got {self.gpu_cache_tokens!r}")
+        if self.cache_policy not in CACHE_POLICIES:
+            raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, got {self.cache_policy!r}")
+
+    @property
+    def num_centroids(self) -> int:
+        return 1 << self.bits
+
+    def budget_split(self, context_len: int) -> tuple[int, int, int]:
+        """(sink, local, top-k) token counts for a cache built for `context_len` tokens.
+
+        The three add up to min(budget, context_len) except that sink and local always get their share first:
+        the budget is never smaller than sink + local + 0.
+        """
+        tb = self.token_budget
+        budget = math.ceil(tb * context_len) if isinstance(tb, float) else tb
+        budget = min(budget, context_len)
+        lt = self.local_tokens
+        local = math.ceil(lt * budget) if isinstance(lt, float) else lt
+        local = max(1, min(local, budget))  # the newest token is always attended
+        sink = min(self.sink_tokens, max(0, budget - local))
+        topk = max(0, budget - sink - local)
+        return sink, local, topk

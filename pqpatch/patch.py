@@ -1,0 +1,153 @@
+"""patch_model / unpatch_model: switch a loaded transformers causal LM to PQ-sparse decoding and back."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import PQCacheConfig
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
+
+
+@dataclass
+class PatchState:
+    """What patch_model changed on a model, so unpatch_model can restore it exactly."""
+
+    config: PQCacheConfig
+    pool: object  # clustering.ClusterPool
+    old_attn_impl: str | None
+    pq_layers: list[int]
+    attn_modules: list[torch.nn.Module]
+    hooks: list = field(default_factory=list)
+    cache_kwarg: str = "past_key_values"
+    last_cache: object = None  # the cache of the latest generate() call, for stats
+
+
+def _register() -> None:
+    """Register "pqcache" with transformers (idempotent). The mask function must be registered too: without
+    it transformers builds no causal mask for an unknown implementation name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from .attention import ATTN_NAME, pqcache_attention_forward
+
+    AttentionInterface.register(ATTN_NAME, pqcache_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Self-attention modules: the ones transformers gives a `layer_idx` and q/k/v projections."""
+    mods = [
+        m for m in model.modules()
+        if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and type(m).__name__.endswith("Attention")
+    ]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def patch_model(model: torch.nn.Module, config: PQCacheConfig | None = None) -> torch.nn.Module:
+    """Patch `model` in place for PQCache decoding and return it.
+
+    After this, `model.generate(...)` builds a `PQCache` for each call (unless you pass your own cache) and
+    decodes with PQ-sparse attention; prefill stays exact. Raises ValueError for a second patch, an
+    unsupported architecture or a config that does not fit the model.
+    """
+    config = config if config is not None else PQCacheConfig()
+    if not isinstance(config, PQCacheConfig):
+        raise ValueError(f"config must be a pqpatch.PQCacheConfig, got {type(config).__name__}")
+    if getattr(model, "_pqpatch", None) is not None:
+        raise ValueError("this model is already patched by pqpatch; call pqpatch.unpatch_model(model) first")
+    mconf = getattr(model, "config", None)
+    model_type = getattr(mconf, "model_type", None)
+    text = mconf.get_text_config(decoder=True) if mconf is not None else None
+    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(model, "generate"):
+        raise ValueError(
+            f"pqpatch does not support model type {model_type!r} ({type(model).__name__}); supported causal LMs: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        raise ValueError("pqpatch does not support attention logit soft-capping (Gemma 2 style models)")
+    mods = _attention_modules(model)
+    if not mods:
+        raise ValueError(f"no attention modules found in {type(model).__name__}")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if head_dim % config.num_subspaces:
+        raise ValueError(
+            f"num_subspaces={config.num_subspaces} must divide the model's head dim {head_dim}; "
+            f"choose one of {[d for d in (1, 2, 4, 8, 16) if head_dim % d == 0]}"
+        )
+    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    pq_layers = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+
+    _register()
+    from .attention import ATTN_NAME, cache_capture_hook
+    from .clustering import ClusterPool
+
+    fwd = inspect.signature(model.forward).parameters
+    state = PatchState(
+        config=config,
+        pool=ClusterPool(config.num_threads),
+        old_attn_impl=mconf._attn_implementation,
+        pq_layers=pq_layers,
+        attn_modules=mods,
+        cache_kwarg="cache" if "cache" in fwd else "past_key_values",
+    )
+    for m in mods:
+        state.hooks.append(m.register_forward_pre_hook(cache_capture_hook, with_kwargs=True))
+    model.set_attn_implementation(ATTN_NAME)
+    model._pqpatch = state
+    model.generate = functools.partial(_generate, model, type(model).generate)
+    return model
+
+
+def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `patch_model`: original attention implementation, no hooks, the class's own generate()."""
+    state: PatchState | None = getattr(model, "_pqpatch", None)
+    if state is None:
+        raise ValueError("this model is not patched by pqpatch")
+    for h in state.hooks:
+        h.remove()
+    for m in state.attn_modules:
+        m.__dict__.pop("_pqpatch_cache", None)
+    model.set_attn_implementation(state.old_attn_impl)
+    model.__dict__.pop("generate", None)
+    state.pool.shutdown()
+    del model._pqpatch
+    return model
+
+
+def _max_new_tokens(model: torch.nn.Module, kwargs: dict, prompt_len: int) -> int:
+    gen = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", getattr(gen, "max_new_tokens", None))
+    if new is None:
+        total = kwargs.get("max_length", getattr(gen, "max_length", None)) or 20
+        new = max(total - prompt_len, 1)
+    return int(new)
+
+
+def _generate(model: torch.nn.Module, original, *args, **kwargs):
+    """generate() with a PQCache sized for this call (prompt + max_new_tokens) unless the caller passed one."""
+    from .cache import PQCache
+
+    state: PatchState = model._pqpatch
+    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+        return original(model, *args, **kwargs)
+    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs", kwargs.get("inputs_embeds")))
+    if inputs is None:
+        raise ValueError("pqpatch's generate() needs the prompt (input_ids or inputs_embeds) to size its cache")
+    gen = kwargs.get("generation_config") or model.generation_config
+    beams = kwargs.get("num_beams", getattr(gen, "num_beams", 1)) or 1
+    nret = kwargs.get("num_return_sequences", getattr(gen, "num_return_sequences", 1)) or 1
+    if beams > 1 or nret > 1:
+        raise ValueError(
+            "pqpatch decodes one sequence per prompt: use num_beams=1 and num_return_sequences=1, "
+            "or repeat the prompt in the batch"
+        )
+    prompt_len = inputs.shape[1]
+    cache = PQCache(model, max_cache_len=prompt_len + _max_new_tokens(model, kwargs, prompt_len))
+    state.last_cache = cache
+    kwargs[state.cache_kwarg] = cache
+    return original(model, *args, **kwargs)

@@ -1,0 +1,102 @@
+"""Selection policies: which k candidate tokens a decode query attends to, at an equal token budget.
+
+Every policy returns idx [B, Hkv, k] int64 (-1 = empty slot) drawn from the candidates lo[b] <= n < hi[b];
+sink and local-window tokens are added by the caller. GQA groups are aggregated with the same rule for every
+policy (per-head softmax over candidates, summed over the group; see `kernels.reference`).
+
+- "pq": PQ scores through codes and centroids (the PQCache method).
+- "oracle": exact scores with the real keys (an upper bound for evaluation; reads every key).
+- "streaming": no selection; the budget goes to the local window (StreamingLLM). k is 0 by construction.
+- "quest": pages of `quest_page_tokens` tokens scored by sum_d max(q_d min_d, q_d max_d) over the page's
+  per-channel key minima/maxima (Quest); the best k // page pages are taken whole.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import kernels
+from kernels.reference import group_softmax_scores, topk_from_scores
+
+__all__ = ["QuestPages", "select"]
+
+
+class QuestPages:
+    """Per-page, per-channel key minima and maxima of one layer, kept up to date as tokens arrive.
+
+    kmin, kmax: [B, Hkv, P, D] float32 with P = ceil(max_len / page). Padding positions never count.
+    """
+
+    def __init__(self, keys: torch.Tensor, page: int) -> None:
+        b, h, n, d = keys.shape
+        self.page = page
+        self.num_pages = math.ceil(n / page)
+        self.kmin = torch.full((b, h, self.num_pages, d), float("inf"), device=keys.device)
+        self.kmax = torch.full((b, h, self.num_pages, d), float("-inf"), device=keys.device)
+        self.upto = 0  # positions < upto are folded into the bounds
+
+    def update(self, keys: torch.Tensor, start: torch.Tensor, length: int) -> None:
+        """Fold positions [upto, length) in. keys: [B, Hkv, N, D]; start: [B] first real position."""
+        if length <= self.upto:
+            return
+        p0, p1 = self.upto // self.page, math.ceil(length / self.page)
+        a, e = p0 * self.page, min(p1 * self.page, keys.shape[2])
+        seg = keys[:, :, a:e].float()  # [B, Hkv, T, D]
+        pos = torch.arange(a, e, device=keys.device)
+        ok = (pos[None, :] >= start[:, None]) & (pos[None, :] < length)  # [B, T]
+        pad = p1 * self.page - e
+        lo_v = seg.masked_fill(~ok[:, None, :, None], float("inf"))
+        hi_v = seg.masked_fill(~ok[:, None, :, None], float("-inf"))
+        if pad:
+            lo_v = torch.nn.functional.pad(lo_v, (0, 0, 0, pad), value=float("inf"))
+            hi_v = torch.nn.functional.pad(hi_v, (0, 0, 0, pad), value=float("-inf"))
+        shape = (*seg.shape[:2], p1 - p0, self.page, seg.shape[-1])
+        self.kmin[:, :, p0:p1] = lo_v.reshape(shape).amin(3)
+        self.kmax[:, :, p0:p1] = hi_v.reshape(shape).amax(3)
+        self.upto = length
+
+    def topk(self, query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int, scaling: float) -> torch.Tensor:
+        """query: [B, Hkv, G, D]; lo, hi: [B]. Returns [B, Hkv, k] token indices, -1 = empty."""
+        q = query.float()[:, :, :, None, :]  # [B, Hkv, G, 1, D]
+        ub = torch.maximum(q * self.kmin[:, :, None], q * self.kmax[:, :, None])  # [B, Hkv, G, P, D]
+        ub = torch.nan_to_num(ub, nan=0.0, posinf=0.0, neginf=0.0).sum(-1) * scaling  # [B, Hkv, G, P]
+        first = torch.arange(self.num_pages, device=query.device) * self.page
+        valid = (first[None, :] < hi[:, None]) & (first[None, :] + self.page > lo[:, None])  # [B, P]
+        scores = group_softmax_scores(ub, valid)  # [B, Hkv, P]
+        pages = topk_from_scores(scores, min(k // self.page, self.num_pages))  # [B, Hkv, p]
+        tok = pages[..., None] * self.page + torch.arange(self.page, device=query.device)  # [B, Hkv, p, page]
+        tok = tok.flatten(2)
+        inside = (pages[..., None] >= 0).flatten(2) & (tok >= lo[:, None, None]) & (tok < hi[:, None, None])
+        tok = torch.where(inside, tok, torch.full_like(tok, -1))
+        if tok.shape[-1] < k:
+            tok = torch.cat([tok, tok.new_full((*tok.shape[:2], k - tok.shape[-1]), -1)], dim=-1)
+        return tok
+
+
+def select(
+    selection: str,
+    query: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    k: int,
+    scaling: float,
+    *,
+    keys: torch.Tensor | None = None,
+    centroids: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
+    pages: QuestPages | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dispatch to a policy. query: [B, Hkv, G, D]; lo, hi: [B]. Returns idx [B, Hkv, k] int64."""
+    b, h = query.shape[:2]
+    if k == 0 or selection == "streaming":
+        return torch.full((b, h, k), -1, dtype=torch.long, device=query.device)
+    if selection == "pq":
+        return kernels.pq_topk(query, centroids, codes, lo, hi, k, scaling, backend=backend)
+    if selection == "oracle":
+        return kernels.exact_topk(query, keys, lo, hi, k, scaling)
+    if selection == "quest":
+        return pages.topk(query, lo, hi, k, scaling)
+    raise ValueError(f"unknown selection {selection!r}")

@@ -13,6 +13,7 @@ A token that leaves the local window gets its code from the nearest centroid (`_
 
 from __future__ import annotations
 
+import copy
 from concurrent.futures import Future
 
 import torch
@@ -35,17 +36,23 @@ class PQLayer(StaticLayer):
     def __init__(self, max_cache_len: int, layer_idx: int, config: PQCacheConfig, pool: ClusterPool) -> None:
         super().__init__(max_cache_len=max_cache_len)
         self.layer_idx = layer_idx
-        self.cfg = config
         self.pool = pool
-        self.sink, self.local, self.topk = config.budget_split(max_cache_len)
-        if config.selection == "streaming":  # equal budget: what top-k would get goes to the window
-            self.local, self.topk = self.local + self.topk, 0
+        self._configure(config)
+        self.length = 0  # tokens written (python int: shapes depend on it, values do not)
+        self.start: torch.Tensor | None = None  # [B] first non-padding position
+        self.record = False  # keep the last decode step's token index in `last_index` (evaluation)
+        self.last_index: torch.Tensor | None = None
         self._clear()
 
+    def _configure(self, config: PQCacheConfig) -> None:
+        self.cfg = config
+        self.sink, self.local, self.topk = config.budget_split(self.max_cache_len)
+        if config.selection == "streaming":  # equal budget: what top-k would get goes to the window
+            self.local, self.topk = self.local + self.topk, 0
+
     def _clear(self) -> None:
-        self.length = 0  # tokens written (python int: shapes depend on it, values do not)
+        """Drop the PQ state (not the K/V buffers)."""
         self.active = False  # sparse decoding on (prompt >= min_context)
-        self.start: torch.Tensor | None = None  # [B] first non-padding position
         self.future: Future | None = None
         self.centroids: torch.Tensor | None = None  # [B, Hkv, m, K, Ds] float32
         self.codes: torch.Tensor | None = None  # [B, Hkv, max_len, m] uint8
@@ -54,7 +61,25 @@ class PQLayer(StaticLayer):
 
     def reset(self) -> None:
         super().reset()
+        self.length, self.start = 0, None
         self._clear()
+
+    def fork(self, config: PQCacheConfig | None) -> "PQLayer":
+        """A copy with its own K/V buffers whose decode follows `config` (None: dense). The PQ state is
+        rebuilt from the copied keys, as if the prefill had run under `config`."""
+        pool, fut = self.pool, self.future
+        self.pool = self.future = None  # neither can be deep-copied
+        try:
+            new = copy.deepcopy(self)
+        finally:
+            self.pool, self.future = pool, fut
+        new.pool = pool
+        new._configure(config or self.cfg)
+        new._clear()
+        if config is not None and self.start is not None:
+            new.active = new.length >= config.min_context
+            new._start_pq()
+        return new
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append [B, Hkv, T, D] new keys/values; returns the full [B, Hkv, max_len, D] buffers."""
@@ -74,11 +99,15 @@ class PQLayer(StaticLayer):
         attention_mask: the 4D mask given to the attention function ([B, 1, q, max_len], bool or additive),
         or None. On the first prefill, records padding and hands the keys to the clustering pool.
         """
-        first = self.start is None
-        if first:
-            self.start = _first_valid(attention_mask, self.length, batch, self.keys.device)
-            self.active = self.length >= self.cfg.min_context
-        if not (first and self.active):
+        if self.start is not None:
+            return  # a later multi-token step (chunked prefill): its tokens get codes as they leave the window
+        self.start = _first_valid(attention_mask, self.length, batch, self.keys.device)
+        self.active = self.length >= self.cfg.min_context
+        self._start_pq()
+
+    def _start_pq(self) -> None:
+        """Hand the candidate keys to the clustering pool ("pq") or build page bounds ("quest")."""
+        if not self.active:
             return
         hi = self.length - self.local
         self.coded_upto = max(hi, 0)
@@ -138,6 +167,8 @@ class PQLayer(StaticLayer):
         hkv = self.keys.shape[1]
         q = query.reshape(b, hkv, hq // hkv, d)  # query head j uses KV head j // G (repeat_kv's layout)
         idx = self.token_index(q, scaling)
+        if self.record:
+            self.last_index = idx
         out, _ = kernels.sparse_decode_attention(q, self.keys, self.values, idx, scaling, backend=self.cfg.backend)
         return out.reshape(b, hq, -1)[:, None]
 
@@ -181,3 +212,16 @@ class PQCache(StaticCache):
 
     def pq_layers(self) -> list[PQLayer]:
         return [layer for layer in self.layers if isinstance(layer, PQLayer)]
+
+    def fork(self, config: PQCacheConfig | None) -> "PQCache":
+        """An independent copy of this (prefilled) cache whose decode steps follow `config` (None: dense).
+
+        Lets an evaluation prefill once and decode under many methods and budgets. The budget split is
+        recomputed for `config`; PQ codebooks are retrained from the copied keys.
+        """
+        new = copy.copy(self)
+        new.layers = [
+            layer.fork(config) if isinstance(layer, PQLayer) else copy.deepcopy(layer) for layer in self.layers
+        ]
+        new.pq_config = config or self.pq_config
+        return new

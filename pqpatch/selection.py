@@ -18,7 +18,7 @@ import math
 import torch
 
 import kernels
-from kernels.reference import group_softmax_scores, topk_from_scores
+from kernels.reference import group_softmax_scores
 
 __all__ = ["QuestPages", "select"]
 
@@ -65,13 +65,20 @@ class QuestPages:
         first = torch.arange(self.num_pages, device=query.device) * self.page
         valid = (first[None, :] < hi[:, None]) & (first[None, :] + self.page > lo[:, None])  # [B, P]
         scores = group_softmax_scores(ub, valid)  # [B, Hkv, P]
-        pages = topk_from_scores(scores, min(k // self.page, self.num_pages))  # [B, Hkv, p]
-        tok = pages[..., None] * self.page + torch.arange(self.page, device=query.device)  # [B, Hkv, p, page]
-        tok = tok.flatten(2)
-        inside = (pages[..., None] >= 0).flatten(2) & (tok >= lo[:, None, None]) & (tok < hi[:, None, None])
-        tok = torch.where(inside, tok, torch.full_like(tok, -1))
+        # best pages first; two spare pages because the candidate range need not start on a page boundary
+        npsel = min(k // self.page + 2, self.num_pages)
+        vals, pages = torch.topk(scores, npsel, dim=-1, sorted=True)  # [B, Hkv, p]
+        tok = (pages[..., None] * self.page + torch.arange(self.page, device=query.device)).flatten(2)
+        inside = torch.isfinite(vals)[..., None].expand(-1, -1, -1, self.page).flatten(2)
+        inside = inside & (tok >= lo[:, None, None]) & (tok < hi[:, None, None])  # [B, Hkv, p * page]
+        keep = inside & (inside.cumsum(-1) <= k)  # the first k candidate tokens, in page-score order
         if tok.shape[-1] < k:
-            tok = torch.cat([tok, tok.new_full((*tok.shape[:2], k - tok.shape[-1]), -1)], dim=-1)
+            pad = k - tok.shape[-1]
+            tok = torch.nn.functional.pad(tok, (0, pad), value=-1)
+            keep = torch.nn.functional.pad(keep, (0, pad), value=False)
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :k]  # kept slots first
+        tok, keep = torch.gather(tok, -1, order), torch.gather(keep, -1, order)
+        tok = torch.where(keep, tok, torch.full_like(tok, -1))
         return tok
 
 

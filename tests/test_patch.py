@@ -1,0 +1,190 @@
+"""Model-level behaviour of patch_model / unpatch_model on tiny random models of every supported architecture."""
+
+import gc
+import threading
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import pqpatch
+from pqpatch.cache import PQLayer
+
+PROMPT, NEW = 48, 12
+
+
+def _full(**kw) -> pqpatch.PQCacheConfig:
+    """A budget that covers every token, with the sparse path still on (min_context below the prompt)."""
+    return pqpatch.PQCacheConfig(token_budget=1.0, sink_tokens=4, local_tokens=8, min_context=16, bits=4, **kw)
+
+
+def _gen(model, ids, mask=None, **kw):
+    torch.manual_seed(123)
+    return model.generate(
+        ids, attention_mask=mask, max_new_tokens=NEW, return_dict_in_generate=True, output_logits=True,
+        pad_token_id=0, **kw,
+    )
+
+
+def _assert_sparse_path_ran(model):
+    layers = model._pqpatch.last_cache.pq_layers()
+    assert layers, "no PQ layer in the cache"
+    for layer in layers:
+        assert layer.active and layer.topk > 0
+        # tokens that left the window during decoding were coded: the top-k path really ran
+        assert layer.coded_upto == PROMPT + NEW - 1 - layer.local
+
+
+def test_full_budget_equals_dense(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(1, 96, (1, PROMPT))
+    ref = _gen(model, ids)
+    pqpatch.patch_model(model, _full())
+    out = _gen(model, ids)
+    _assert_sparse_path_ran(model)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("selection", ["pq", "oracle", "quest", "streaming"])
+def test_full_budget_equals_dense_batch2_left_padding(selection):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 96, (2, PROMPT))
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0  # second sequence is 7 tokens shorter: left padding
+    ref = _gen(model, ids, mask)
+    pqpatch.patch_model(model, _full(selection=selection))
+    out = _gen(model, ids, mask)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    starts = [layer.start.tolist() for layer in model._pqpatch.last_cache.pq_layers()]
+    assert all(s == [0, 7] for s in starts)
+
+
+def test_full_budget_sampling_fixed_seed():
+    model = tiny_model("qwen2")
+    ids = torch.randint(1, 96, (1, PROMPT))
+    ref = _gen(model, ids, do_sample=True, temperature=1.5)
+    pqpatch.patch_model(model, _full())
+    out = _gen(model, ids, do_sample=True, temperature=1.5)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_small_budget_differs_but_runs():
+    """A real budget must change the computation (else the equality tests above prove nothing)."""
+    model = tiny_model("llama", head_dim=32)
+    with torch.no_grad():  # sharpen attention so that dropping tokens changes the logits visibly
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20)
+    ids = torch.randint(1, 96, (1, 200))
+    ref = model.generate(ids, max_new_tokens=4, return_dict_in_generate=True, output_logits=True, do_sample=False)
+    cfg = pqpatch.PQCacheConfig(token_budget=24, sink_tokens=4, local_tokens=8, min_context=16, bits=4)
+    pqpatch.patch_model(model, cfg)
+    out = model.generate(ids, max_new_tokens=4, return_dict_in_generate=True, output_logits=True, do_sample=False)
+    layer = model._pqpatch.last_cache.pq_layers()[0]
+    assert (layer.sink, layer.local, layer.topk) == (4, 8, 12)
+    assert not torch.allclose(out.logits[1], ref.logits[1], atol=1e-4)
+    torch.testing.assert_close(out.logits[0], ref.logits[0])  # the first token comes from the exact prefill
+
+
+def test_short_prompt_stays_dense():
+    model = tiny_model("mistral")
+    ids = torch.randint(1, 96, (1, 20))
+    ref = model.generate(ids, max_new_tokens=5, do_sample=False)
+    pqpatch.patch_model(model, pqpatch.PQCacheConfig(token_budget=4, min_context=64))
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, ref)
+    assert not any(layer.active for layer in model._pqpatch.last_cache.pq_layers())
+
+
+def test_gemma3_sliding_layers_stay_dense():
+    model = tiny_model("gemma3", layers=4)
+    pqpatch.patch_model(model, _full())
+    _gen(model, torch.randint(1, 96, (1, PROMPT)))
+    kinds = [type(layer).__name__ for layer in model._pqpatch.last_cache.layers]
+    assert kinds[0] != "PQLayer" and kinds[1] == "PQLayer" and kinds[2] != "PQLayer" and kinds[3] == "PQLayer"
+
+
+def test_unpatch_restores_identical_outputs(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(1, 96, (1, PROMPT))
+    before = _gen(model, ids)
+    pqpatch.patch_model(model, pqpatch.PQCacheConfig(token_budget=0.3, min_context=16, sink_tokens=2, bits=3))
+    _gen(model, ids)
+    assert pqpatch.unpatch_model(model) is model
+    after = _gen(model, ids)
+    assert model.config._attn_implementation == "sdpa"
+    assert "generate" not in model.__dict__ and not hasattr(model, "_pqpatch")
+    assert torch.equal(before.sequences, after.sequences)
+    for a, b in zip(before.logits, after.logits):
+        assert torch.equal(a, b)
+
+
+def test_double_patch_and_bad_models_raise():
+    model = tiny_model("llama")
+    assert pqpatch.patch_model(model) is model
+    with pytest.raises(ValueError, match="already patched"):
+        pqpatch.patch_model(model)
+    pqpatch.unpatch_model(model)
+    with pytest.raises(ValueError, match="not patched"):
+        pqpatch.unpatch_model(model)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="gpt2.*supported.*llama"):
+        pqpatch.patch_model(gpt2)
+    with pytest.raises(ValueError, match="num_subspaces=3 must divide"):
+        pqpatch.patch_model(tiny_model("qwen3"), pqpatch.PQCacheConfig(num_subspaces=3))
+    with pytest.raises(ValueError, match="PQCacheConfig"):
+        pqpatch.patch_model(tiny_model("qwen3"), {"token_budget": 0.1})
+
+
+def test_right_padding_is_refused():
+    model = tiny_model("llama")
+    pqpatch.patch_model(model, _full())
+    ids = torch.randint(1, 96, (2, PROMPT))
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
+def test_beams_refused_with_clear_error():
+    model = tiny_model("llama")
+    pqpatch.patch_model(model, _full())
+    with pytest.raises(ValueError, match="num_beams=1"):
+        model.generate(torch.randint(1, 96, (1, PROMPT)), max_new_tokens=2, num_beams=2)
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on some lazy torch module objects warns
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_no_thread_or_memory_growth_over_50_generates():
+    model = tiny_model("llama")
+    pqpatch.patch_model(model, pqpatch.PQCacheConfig(token_budget=0.4, min_context=16, sink_tokens=2, bits=3))
+    ids = torch.randint(1, 96, (1, 40))
+    for _ in range(3):  # warm up: pool threads start lazily
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    threads, tensors = threading.active_count(), _live_tensors()
+    for _ in range(50):
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert threading.active_count() <= threads  # pools of models from other tests may be collected meanwhile
+    assert _live_tensors() <= tensors
+    before = threading.active_count()
+    pqpatch.unpatch_model(model)
+    assert threading.active_count() < before  # the clustering pool is closed
+
+
+def test_pq_layer_is_used_for_every_global_layer(arch):
+    model = tiny_model(arch, layers=2)
+    pqpatch.patch_model(model, _full())
+    _gen(model, torch.randint(1, 96, (1, PROMPT)))
+    n_global = sum(isinstance(layer, PQLayer) for layer in model._pqpatch.last_cache.layers)
+    assert n_global == (1 if arch == "gemma3" else 2)

@@ -9,6 +9,7 @@ Importing this package is light: transformers, triton and faiss are imported on 
 
 from .config import PQCacheConfig
 from .patch import patch_model, unpatch_model
+from .stats import CacheStats, stats
 
-__all__ = ["PQCacheConfig", "patch_model", "unpatch_model"]
+__all__ = ["PQCacheConfig", "CacheStats", "patch_model", "unpatch_model", "stats"]
 __version__ = "0.1.0"

@@ -101,7 +101,7 @@ class PQLayer(StaticLayer):
         """
         if self.start is not None:
             return  # a later multi-token step (chunked prefill): its tokens get codes as they leave the window
-        self.start = _first_valid(attention_mask, self.length, batch, self.keys.device)
+        self.start = _first_valid(attention_mask, self.length, batch, self.device)
         self.active = self.length >= self.cfg.min_context
         self._start_pq()
 
@@ -114,16 +114,22 @@ class PQLayer(StaticLayer):
         if self.cfg.selection == "pq":
             lo = (self.start + self.sink).tolist()
             c = self.cfg
-            self.future = self.pool.submit(self.keys, lo, hi, c.num_subspaces, c.bits, c.kmeans_iters, c.seed)
+            self.future = self.pool.submit(
+                self.keys, lo, hi, c.num_subspaces, c.bits, c.kmeans_iters, c.seed, ready=self._host_ready()
+            )
         elif self.cfg.selection == "quest":
             self.pages = QuestPages(self.keys, self.cfg.quest_page_tokens)
+
+    def _host_ready(self) -> torch.cuda.Event | None:
+        """Event after which `self.keys` may be read on the host (offloaded layers); None here."""
+        return None
 
     def _ensure_codes(self, hi: int) -> None:
         """Wait for this layer's codebook (first decode step only) and code tokens that left the window."""
         if self.future is not None:
             book = self.future.result()
             self.future = None
-            dev = self.keys.device
+            dev = self.device
             b, h = self.keys.shape[:2]
             self.centroids = book.centroids.to(dev)
             self.codes = torch.zeros(b, h, self.max_cache_len, self.cfg.num_subspaces, dtype=torch.uint8, device=dev)
@@ -131,9 +137,13 @@ class PQLayer(StaticLayer):
                 lo = int(self.start[i]) + self.sink
                 self.codes[i, :, lo : lo + q.shape[1]] = q.to(dev)
         if hi > self.coded_upto:
-            new = self.keys[:, :, self.coded_upto : hi]
+            new = self._key_range(self.coded_upto, hi)
             self.codes[:, :, self.coded_upto : hi] = kernels.pq_assign(new, self.centroids, backend=self.cfg.backend)
             self.coded_upto = hi
+
+    def _key_range(self, a: int, b: int) -> torch.Tensor:
+        """Keys of positions [a, b) on the compute device: [B, Hkv, b - a, D]."""
+        return self.keys[:, :, a:b]
 
     # ---- decode ---------------------------------------------------------------------------------------------
     def token_index(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -206,8 +216,12 @@ class PQCache(StaticCache):
             raise ValueError("PQCache needs a patched model: call pqpatch.patch_model(model, config) first")
         text_config = model.config.get_text_config(decoder=True)
         super().__init__(config=text_config, max_cache_len=max_cache_len)
+        if state.config.offload:
+            from .offload import OffloadPQLayer as layer_cls
+        else:
+            layer_cls = PQLayer
         for i in state.pq_layers:
-            self.layers[i] = PQLayer(max_cache_len, i, state.config, state.pool)
+            self.layers[i] = layer_cls(max_cache_len, i, state.config, state.pool)
         self.pq_config = state.config
 
     def pq_layers(self) -> list[PQLayer]:

@@ -49,13 +49,17 @@ class ClusterPool:
         bits: int,
         iters: int,
         seed: int,
+        ready: torch.cuda.Event | None = None,
     ) -> Future:
         """Cluster keys[b, :, lo[b]:hi] of every sequence b. keys: [B, Hkv, N, D] on any device.
 
-        Returns a Future of `Codebook`.
+        `ready`: the keys are a host buffer that an asynchronous copy is still filling; the job waits for this
+        event instead of copying them. Returns a Future of `Codebook`.
         """
         src = keys[:, :, : max(hi, 0)]
-        if src.device.type == "cuda":
+        if ready is not None:
+            host = src  # positions [lo, hi) of a host store are never written again
+        elif src.device.type == "cuda":
             host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
             host.copy_(src, non_blocking=True)
             ready = torch.cuda.Event()

@@ -91,6 +91,11 @@ class PQCacheConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not isinstance(self.offload, bool):
             raise ValueError(f"offload must be True or False, got {self.offload!r}")
+        if self.offload and self.selection not in ("pq", "streaming"):
+            raise ValueError(
+                f"offload=True works with selection 'pq' or 'streaming' (selection={self.selection!r} reads every "
+                f"key at each step); set offload=False to evaluate it"
+            )
         if not _is_int(self.quest_page_tokens) or self.quest_page_tokens < 1:
             raise ValueError(f"quest_page_tokens must be an int >= 1, got {self.quest_page_tokens!r}")
         if not _is_int(self.cache_block_tokens) or self.cache_block_tokens < 1:

@@ -1,0 +1,157 @@
+"""Offload: same tokens and logits as the GPU-resident PQ path, block-cache policies, stats, no growth."""
+
+import gc
+import threading
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import pqpatch
+from pqpatch.blockcache import BlockCache
+from pqpatch.cache import PQCache
+
+
+def _cfg(offload, **kw):
+    base = dict(token_budget=40, sink_tokens=4, local_tokens=8, min_context=16, bits=4, gpu_cache_tokens=32,
+                cache_block_tokens=8)
+    return pqpatch.PQCacheConfig(offload=offload, **{**base, **kw})
+
+
+def _run(arch, offload, ids, mask, **kw):
+    model = tiny_model(arch)
+    pqpatch.patch_model(model, _cfg(offload, **kw))
+    indices = []
+
+    def grab(module, args, kwargs, out):
+        layer = model._pqpatch.last_cache.layers[module.layer_idx]
+        if getattr(layer, "last_index", None) is not None:
+            indices.append(layer.last_index.clone())
+
+    for layer_idx in model._pqpatch.pq_layers:
+        model._pqpatch.attn_modules[layer_idx].register_forward_hook(grab, with_kwargs=True)
+    orig = PQCache.__init__
+
+    def recording_init(self, *a, **k):  # switch on index recording in every cache generate() builds
+        orig(self, *a, **k)
+        for layer in self.pq_layers():
+            layer.record = True
+
+    PQCache.__init__ = recording_init
+    try:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    finally:
+        PQCache.__init__ = orig
+    return model, out, indices
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_offload_selects_same_tokens_and_logits(arch, policy):
+    torch.manual_seed(1)
+    ids = torch.randint(1, 96, (2, 150))
+    mask = torch.ones_like(ids)
+    ids[1, :9], mask[1, :9] = 0, 0
+    _, ref, ref_idx = _run(arch, False, ids, mask, cache_policy=policy)
+    model, out, idx = _run(arch, True, ids, mask, cache_policy=policy)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(idx) == len(ref_idx) > 0
+    for a, b in zip(idx, ref_idx):
+        assert torch.equal(a.sort(-1).values, b.sort(-1).values)
+    st = pqpatch.stats(model)
+    assert st.offload and st.hits > 0 and st.misses > 0  # the block cache was really exercised
+
+
+def test_stats_sanity_and_gpu_bytes():
+    torch.manual_seed(2)
+    ids = torch.randint(1, 96, (1, 400))
+    model, _, idx = _run("llama", True, ids, None, token_budget=60, gpu_cache_tokens=64)
+    st = pqpatch.stats(model)
+    selected = sum(int((i[..., 4 : 4 + st_k] >= 0).sum()) for i, st_k in zip(idx, [48] * len(idx)))
+    assert st.hits + st.misses == st.requested == selected
+    assert st.steps == len(idx) == 2 * 15  # 2 layers, 15 sparse decode steps after the prefill's token
+    elt = 4 * (16 + 16)  # float32 key + value of head dim 16
+    assert st.bytes_h2d == (st.misses + st.admitted_blocks * 8) * elt
+    assert st.bytes_d2h == 2 * 2 * (400 + 15) * elt  # 2 layers x 2 KV heads, every token written once
+    assert st.gpu_kv_bytes < st.dense_kv_bytes / 2
+    dense = pqpatch.stats(_run("llama", False, ids, None, token_budget=60)[0])
+    assert dense.gpu_kv_bytes > dense.dense_kv_bytes  # full buffers plus codes
+
+
+def test_chunked_prefill_and_short_prompt_go_through_the_store():
+    torch.manual_seed(3)
+    ids = torch.randint(1, 96, (1, 120))
+    outs = {}
+    for off in (False, True):
+        model = tiny_model("llama")
+        pqpatch.patch_model(model, _cfg(off))
+        cache = PQCache(model, 140)
+        kw = model._pqpatch.cache_kwarg
+        with torch.no_grad():
+            model(ids[:, :80], **{kw: cache})
+            model(ids[:, 80:], **{kw: cache})  # a second multi-token step: dense over the whole context
+            logits = [model(ids[:, -1:] * 0 + t, **{kw: cache}).logits for t in (5, 7, 11)]
+        outs[off] = torch.cat(logits)
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+    short = torch.randint(1, 96, (1, 10))  # below min_context: dense decoding from the store
+    ref = tiny_model("llama").generate(short, max_new_tokens=5, do_sample=False)
+    model = tiny_model("llama")
+    pqpatch.patch_model(model, _cfg(True))
+    assert torch.equal(model.generate(short, max_new_tokens=5, do_sample=False), ref)
+
+
+def test_lfu_evicts_least_frequent_and_keeps_ties():
+    bc = BlockCache(rows=1, num_blocks=10, capacity=2, policy="lfu", max_admit=4)
+    assert bc.admit(torch.tensor([[0, 1]])) == [(0, 0, 0), (0, 1, 1)]
+    bc.admit(torch.tensor([[0, 0, 0]]))  # block 0 used again (counted once per step): freq 0 -> 2, 1 -> 1
+    assert bc.admit(torch.tensor([[2]])) == []  # freq 1 does not beat resident block 1 (freq 1): tie stays
+    assert bc.admit(torch.tensor([[2]])) == [(0, 2, 1)]  # freq 2 beats block 1 -> it takes its slot
+    assert bc.lookup(torch.tensor([[0, 1, 2, -1]])).tolist() == [[0, -1, 1, -1]]
+
+
+def test_lru_evicts_least_recent_but_not_blocks_used_now():
+    bc = BlockCache(rows=2, num_blocks=10, capacity=2, policy="lru", max_admit=4)
+    bc.admit(torch.tensor([[0, 1], [5, -1]]))
+    bc.admit(torch.tensor([[1, -1], [-1, -1]]))  # row 0: block 0 is now the least recent
+    assert bc.admit(torch.tensor([[3, -1], [-1, -1]])) == [(0, 3, 0)]
+    # every resident block used in this step: nothing can be evicted for the third one
+    assert bc.admit(torch.tensor([[1, 3, 7], [-1, -1, -1]])) == []
+    assert bc.lookup(torch.tensor([[3, 1, 0], [5, 6, -1]])).tolist() == [[0, 1, -1], [0, -1, -1]]
+
+
+def test_admission_limit_and_zero_capacity():
+    bc = BlockCache(rows=1, num_blocks=64, capacity=16, policy="lfu", max_admit=3)
+    assert len(bc.admit(torch.arange(10)[None])) == 3
+    assert BlockCache(1, 8, 0).admit(torch.tensor([[1, 2]])) == []
+    with pytest.raises(ValueError, match="lfu"):
+        BlockCache(1, 8, 2, policy="fifo")
+
+
+def test_offload_refuses_policies_that_read_every_key():
+    for sel in ("oracle", "quest"):
+        with pytest.raises(ValueError, match="offload"):
+            pqpatch.PQCacheConfig(offload=True, selection=sel)
+
+
+def test_no_growth_over_50_generates_with_offload():
+    model = tiny_model("qwen2")
+    pqpatch.patch_model(model, _cfg(True))
+    ids = torch.randint(1, 96, (1, 60))
+
+    def live():
+        gc.collect()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    for _ in range(3):
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    threads, tensors = threading.active_count(), live()
+    for _ in range(50):
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert threading.active_count() <= threads
+    assert live() <= tensors

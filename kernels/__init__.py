@@ -3,12 +3,16 @@
 `backend="torch"` runs the PyTorch reference (`kernels.reference`), `backend="triton"` the Triton kernels, and
 `backend="auto"` picks Triton for CUDA tensors when triton is installed and the reference elsewhere.
 Shapes are documented in `kernels.reference`. Nothing here imports transformers or triton at import time.
+
+pq_topk, pq_assign and sparse_decode_attention call the torch.library ops `torch.ops.pqpatch.*` (`kernels.ops`), so
+torch.compile(fullgraph=True) keeps them in one graph on every backend.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import ops as _ops
 from . import reference as ref
 
 __all__ = ["pq_topk", "exact_topk", "pq_assign", "sparse_decode_attention", "resolve_backend"]
@@ -23,30 +27,35 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "triton"
+        return "triton" if _triton_importable() else "torch"
     return backend
 
 
-def _triton_ops():
+def _triton_importable() -> bool:
+    # traceable by dynamo (an import of a module dynamo itself has loaded); no torch.compiler decorator here:
+    # that would import torch._dynamo, and with it triton, whenever `kernels` is imported
     try:
-        from . import triton_ops
-    except ImportError as e:  # triton missing or broken
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _checked(backend: str, device: torch.device) -> str:
+    """resolve_backend, plus a clear error when "triton" is asked for and triton cannot be imported."""
+    backend = resolve_backend(backend, device)
+    if backend == "triton" and not _triton_importable():
         raise ImportError(
             "backend='triton' needs the `triton` package (pip install triton); "
             "use backend='torch' to run the PyTorch reference instead"
-        ) from e
-    return triton_ops
+        )
+    return backend
 
 
 def pq_topk(query, centroids, codes, lo, hi, k: int, scaling: float, backend: str = "auto") -> torch.Tensor:
     """Top-k candidate tokens by PQ score: [B, Hkv, k] int64, -1 = empty slot. See `reference.pq_topk_ref`."""
-    if resolve_backend(backend, query.device) == "triton":
-        return _triton_ops().pq_topk_triton(query, centroids, codes, lo, hi, k, scaling)
-    return ref.pq_topk_ref(query, centroids, codes, lo, hi, k, scaling)
+    return _ops.pq_topk_op(query, centroids, codes, lo, hi, int(k), float(scaling),
+                           _checked(backend, query.device))
 
 
 def exact_topk(query, keys, lo, hi, k: int, scaling: float, backend: str = "auto") -> torch.Tensor:
@@ -56,13 +65,9 @@ def exact_topk(query, keys, lo, hi, k: int, scaling: float, backend: str = "auto
 
 def pq_assign(keys, centroids, backend: str = "auto") -> torch.Tensor:
     """Nearest-centroid codes [B, Hkv, T, m] uint8. See `reference.pq_assign_ref`."""
-    if resolve_backend(backend, keys.device) == "triton":
-        return _triton_ops().pq_assign_triton(keys, centroids)
-    return ref.pq_assign_ref(keys, centroids)
+    return _ops.pq_assign_op(keys, centroids, _checked(backend, keys.device))
 
 
 def sparse_decode_attention(query, keys, values, idx, scaling: float, backend: str = "auto"):
     """Exact attention over listed tokens: (out [B, Hkv, G, Dv], lse [B, Hkv, G]). See the reference."""
-    if resolve_backend(backend, query.device) == "triton":
-        return _triton_ops().sparse_decode_attention_triton(query, keys, values, idx, scaling)
-    return ref.sparse_decode_attention_ref(query, keys, values, idx, scaling)
+    return _ops.sparse_decode_attention_op(query, keys, values, idx, float(scaling), _checked(backend, query.device))

@@ -1,0 +1,77 @@
+"""torch.library registration of the pqpatch ops (namespace `pqpatch`), so torch.compile(fullgraph=True) sees each
+op as one opaque node with a known output shape instead of tracing into Triton launchers or breaking the graph.
+
+    torch.ops.pqpatch.pq_topk(query, centroids, codes, lo, hi, k, scaling, backend) -> idx [B, Hkv, k] int64
+    torch.ops.pqpatch.pq_assign(keys, centroids, backend) -> codes [B, Hkv, T, m] uint8
+    torch.ops.pqpatch.sparse_decode_attention(query, keys, values, idx, scaling, backend)
+        -> (out [B, Hkv, G, Dv] query.dtype, lse [B, Hkv, G] float32)
+
+`backend` is already resolved ("torch" or "triton", see `kernels.resolve_backend`); "torch" runs
+`kernels.reference`. The fake (meta) implementations only build the output shapes. Inference only: no autograd
+formula is registered. Importing this module does not import triton.
+"""
+
+# No `from __future__ import annotations`: custom_op reads the real annotation objects to infer the schema.
+import torch
+from torch import Tensor
+
+from . import reference as ref
+
+__all__ = ["pq_topk_op", "pq_assign_op", "sparse_decode_attention_op"]
+
+
+def _triton():
+    from . import triton_ops  # imported on first Triton call only
+
+    return triton_ops
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"resolved backend must be 'torch' or 'triton', got {backend!r}")
+
+
+@torch.library.custom_op("pqpatch::pq_topk", mutates_args=())
+def pq_topk_op(query: Tensor, centroids: Tensor, codes: Tensor, lo: Tensor, hi: Tensor, k: int, scaling: float,
+               backend: str) -> Tensor:
+    """[B, Hkv, k] int64 top-k token positions by PQ group score, -1 = empty. See `reference.pq_topk_ref`."""
+    _check_backend(backend)
+    if backend == "triton":
+        return _triton().pq_topk_triton(query, centroids, codes, lo, hi, k, scaling)
+    return ref.pq_topk_ref(query, centroids, codes, lo, hi, k, scaling).contiguous()
+
+
+@pq_topk_op.register_fake
+def _(query, centroids, codes, lo, hi, k, scaling, backend):
+    return query.new_empty((query.shape[0], query.shape[1], k), dtype=torch.int64)
+
+
+@torch.library.custom_op("pqpatch::pq_assign", mutates_args=())
+def pq_assign_op(keys: Tensor, centroids: Tensor, backend: str) -> Tensor:
+    """[B, Hkv, T, m] uint8 nearest-centroid codes. See `reference.pq_assign_ref`."""
+    _check_backend(backend)
+    if backend == "triton":
+        return _triton().pq_assign_triton(keys, centroids)
+    return ref.pq_assign_ref(keys, centroids).contiguous()  # the fake promises contiguous outputs
+
+
+@pq_assign_op.register_fake
+def _(keys, centroids, backend):
+    return keys.new_empty((*keys.shape[:3], centroids.shape[2]), dtype=torch.uint8)
+
+
+@torch.library.custom_op("pqpatch::sparse_decode_attention", mutates_args=())
+def sparse_decode_attention_op(query: Tensor, keys: Tensor, values: Tensor, idx: Tensor, scaling: float,
+                               backend: str) -> tuple[Tensor, Tensor]:
+    """(out [B, Hkv, G, Dv], lse [B, Hkv, G] float32). See `reference.sparse_decode_attention_ref`."""
+    _check_backend(backend)
+    if backend == "triton":
+        return _triton().sparse_decode_attention_triton(query, keys, values, idx, scaling)
+    out, lse = ref.sparse_decode_attention_ref(query, keys, values, idx, scaling)
+    return out.contiguous(), lse.contiguous()
+
+
+@sparse_decode_attention_op.register_fake
+def _(query, keys, values, idx, scaling, backend):
+    b, h, g, _ = query.shape
+    return query.new_empty((b, h, g, values.shape[-1])), query.new_empty((b, h, g), dtype=torch.float32)

@@ -85,6 +85,8 @@ def measure(model, method: str, ids, new: int, budget: float, device: str) -> di
                        hit_rate=st.hit_rate, h2d_kib_per_layer_step=st.bytes_h2d_per_step / 1024)
     except torch.cuda.OutOfMemoryError:
         row = {"error": "out of GPU memory"}
+    except Exception as e:  # one broken method must not hide the others' numbers
+        row = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
     finally:
         if method.startswith("pq"):
             pqpatch.unpatch_model(model)

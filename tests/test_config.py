@@ -50,3 +50,13 @@ def test_budget_split(budget, local, sink, n, expect):
     got = PQCacheConfig(token_budget=budget, local_tokens=local, sink_tokens=sink).budget_split(n)
     assert got == expect
     assert sum(got) == min(n, budget if isinstance(budget, int) else math.ceil(budget * n))
+
+
+def test_import_is_light():
+    """`import pqpatch` must not pull transformers, triton, faiss or plotting in (they load on first use)."""
+    import subprocess
+    import sys
+
+    code = "import sys, pqpatch, kernels; print(sorted(m for m in ('transformers', 'triton', 'faiss', 'matplotlib', 'gguf') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

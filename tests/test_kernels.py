@@ -8,6 +8,8 @@ appears in a few cases rather than the full cross product: the interpreter is sl
 from __future__ import annotations
 
 import math
+import os
+import random
 
 import pytest
 import torch
@@ -103,6 +105,26 @@ def test_pq_topk_matches_reference(case):
     check_topk(idx, scores, lo, hi, k)
 
 
+# Fresh inputs every run: random draws over the same axes. PQPATCH_SEED=<seed> replays a run (the seed is printed).
+SEED = int(os.environ.get("PQPATCH_SEED", random.randrange(2**31)))
+
+
+def _draw_topk_case(rng: random.Random):
+    b, n = rng.choice([1, 3]), rng.choice([1, 17, 97, 1000, 4096])
+    return (b, rng.choice([1, 2]), rng.choice([1, 4, 8]), rng.choice([64, 128, 256]), rng.choice([1, 2, 4, 8]),
+            rng.randint(4, 8), n, rng.choice([F32, F16, BF16]), rng.randint(1, n + 5),
+            rng.choice(["full", "inner", "ragged", "degenerate"]), rng.choice([torch.int32, torch.int64]),
+            rng.choice([None, 16, 64, 256]), rng.choice([None, 1, 2, 3]), rng.choice([1.0, 1.0, 10.0]))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("draw", range(4))
+def test_pq_topk_fresh_random_case(draw):
+    case = _draw_topk_case(random.Random(SEED * 100 + draw))
+    print(f"PQPATCH_SEED={SEED} draw={draw} case={case}")
+    test_pq_topk_matches_reference(case)
+
+
 @pytest.mark.triton
 def test_pq_topk_prefix_of_preallocated_buffer():
     """Only [lo, hi) of a larger buffer is filled; garbage codes beyond hi must not matter, k = 0 is allowed."""
@@ -192,13 +214,30 @@ def test_sparse_decode_attention_matches_reference(case):
         assert bool((out[0, 0] == 0).all()) and bool(torch.isneginf(lse[0, 0]).all())
 
 
+def _draw_attn_case(rng: random.Random):
+    n = rng.choice([1, 17, 97, 1000, 4096])
+    d = rng.choice([64, 128, 256])
+    return (rng.choice([1, 3]), rng.choice([1, 2]), rng.choice([1, 4, 8]), d, rng.choice([d, 64]), n,
+            rng.randint(1, min(n, 1000) + 8), rng.choice([F32, F16, BF16]), rng.choice([torch.int32, torch.int64]),
+            rng.choice(["holes", "dense"]), rng.choice([None, 16, 32]), rng.choice([None, 1, 2, 5]),
+            rng.choice([False, True]))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("draw", range(3))
+def test_sparse_decode_attention_fresh_random_case(draw):
+    case = _draw_attn_case(random.Random(SEED * 100 + 50 + draw))
+    print(f"PQPATCH_SEED={SEED} draw={draw} case={case}")
+    test_sparse_decode_attention_matches_reference(case)
+
+
 ASSIGN_CASES = [
     # B, Hkv, T, D, m, bits, dtype
     (1, 2, 1, 128, 2, 6, BF16),  # one decode step
-    (3, 2, 100, 64, 8, 4, F16),
-    (1, 1, 37, 256, 1, 8, F32),
-    (3, 1, 50, 128, 4, 5, F32),
-    (1, 2, 20, 64, 2, 7, BF16),
+    (3, 2, 97, 64, 8, 4, F16),
+    (1, 1, 17, 256, 1, 8, F32),
+    (3, 1, 1000, 128, 4, 5, F32),
+    (1, 2, 4096, 64, 2, 7, BF16),  # a prefill
 ]
 
 

@@ -8,21 +8,48 @@ captured in a CUDA graph. Shapes follow `kernels.reference`.
 from __future__ import annotations
 
 import functools
-import math
 import os
+import warnings
 
+import numpy as np
 import torch
 import triton
 
-from ._triton import _compat
 from ._triton import pq_assign as _assign
 from ._triton import pq_topk as _topk
 from ._triton import sparse_attn as _attn
 
 __all__ = ["pq_topk_triton", "pq_assign_triton", "sparse_decode_attention_triton"]
 
+
+def _fix_interpreter_loop_bounds() -> None:
+    """CPU runs only (TRITON_INTERPRET=1). Triton <= 3.6's interpreter holds scalars as 1-element arrays and turns a
+    loop bound into an int with int(array), which numpy >= 2.4 rejects ("only 0-dimensional arrays can be converted
+    to Python scalars"), so every `for i in range(runtime_value)` fails. Upstream fixed it (triton-lang/triton issue
+    9171, PR 9172) by reading the single element; install the same conversion when this numpy needs it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpy 1.25-2.3 only warn
+            int(np.ones(1, dtype=np.int32))
+        return  # numpy < 2.4: nothing to fix
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_pqpatch_fixed", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    _patch_lang_tensor._pqpatch_fixed = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    _compat.apply()  # numpy >= 2.4 vs the triton 3.6 interpreter's loop bounds
+    _fix_interpreter_loop_bounds()
 
 _LOG2E = 1.4426950408889634
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

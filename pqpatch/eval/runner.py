@@ -1,0 +1,217 @@
+"""The evaluation grid: prefill once per (length, depth, variant), decode a fork per (method, budget).
+
+Retrieval tasks ("passkey", "niah") record one greedy answer per fork; the teacher-forced tasks ("kl",
+"recall") feed the last `teacher_tokens` tokens of a long document in decode mode and record next-token KL and
+top-1 agreement against the dense fork plus per-layer attention recall (`metrics`). Both teacher-forced tasks
+come out of the same decode pass, so `tasks=("kl", "recall")` costs the same as either one alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .engine import RecallProbe, blockwise_prefill, greedy_decode, method_config, prefill, teacher_forced, threads
+from .metrics import kl_divergence, top1_agreement
+from .tasks import NIAH_VARIANTS, Codec, niah_sample, passkey_sample, score_answer
+
+__all__ = ["TASKS", "METHODS", "EvalSettings", "format_length", "machine_info", "run_eval"]
+
+TASKS = ("passkey", "niah", "kl", "recall")
+METHODS = ("dense", "pq", "oracle", "streaming", "quest")
+
+
+@dataclass
+class EvalSettings:
+    """One evaluation grid. budgets are `PQCacheConfig.token_budget` values; `base` holds the other
+    PQCacheConfig fields (sink_tokens, bits, min_context, ...)."""
+
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...] = (2048, 4096, 8192, 16384)
+    budgets: tuple[float | int, ...] = (0.05, 0.1, 0.2)
+    methods: tuple[str, ...] = METHODS
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    variants: tuple[str, ...] = NIAH_VARIANTS
+    teacher_tokens: int = 32
+    seed: int = 0
+    base: dict = field(default_factory=dict)
+    blockwise_prefill: bool = True
+    decode_threads: int | None = 1  # intra-op threads while decoding (see engine.threads); None: unchanged
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks or (set(self.tasks) & {"passkey", "niah"} and len(self.tasks) > 1):
+            raise ValueError(f"tasks: one of {TASKS[:2]}, or any of ('kl', 'recall'); got {self.tasks}")
+        if any(m not in METHODS for m in self.methods):
+            raise ValueError(f"methods must be among {METHODS}, got {self.methods}")
+        if any(v not in NIAH_VARIANTS for v in self.variants):
+            raise ValueError(f"variants must be among {NIAH_VARIANTS}, got {self.variants}")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"depths must lie in [0, 1], got {self.depths}")
+        for m in self.methods:  # fail fast on a budget or field PQCacheConfig rejects
+            for b in self.budgets:
+                method_config(m, b, self.base)
+
+    def forks(self) -> list[tuple[str, float | int | None]]:
+        """(method, budget) of every decode run of one prefill; dense runs once (budget None)."""
+        return [(m, None) for m in self.methods if m == "dense"] + [
+            (m, b) for m in self.methods if m != "dense" for b in self.budgets
+        ]
+
+
+def format_length(n: int) -> str:
+    """2048 -> "2k", 1500 -> "1500"."""
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def machine_info() -> dict:
+    import transformers
+
+    return {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
+def _units(s: EvalSettings) -> list[tuple]:
+    if s.tasks[0] == "passkey":
+        return [(L, d, "passkey") for L in s.lengths for d in s.depths]
+    if s.tasks[0] == "niah":
+        return [(L, d, v) for v in s.variants for L in s.lengths for d in s.depths]
+    return [(L, None, "document") for L in s.lengths]
+
+
+def run_eval(model: torch.nn.Module, codec: Codec, settings: EvalSettings, progress: bool = True) -> dict:
+    """Run the grid on `model` (patched here if it is not already; unpatched afterwards in that case).
+
+    Returns {"settings", "machine", "records", "wall_s"}: one record per (unit, method, budget).
+    """
+    import pqpatch
+    from tqdm.auto import tqdm
+
+    own_patch = getattr(model, "_pqpatch", None) is None
+    if own_patch:
+        pqpatch.patch_model(model, pqpatch.PQCacheConfig(**settings.base))
+    t_start = time.perf_counter()
+    units, forks = _units(settings), settings.forks()
+    bar = tqdm(total=len(units) * (1 + len(forks)), disable=not progress, file=sys.stderr, unit="run")
+    records: list[dict] = []
+    try:
+        for length, depth, variant in units:
+            tag = f"{'+'.join(settings.tasks) if variant == 'document' else variant} {format_length(length)}" + (
+                f" depth={depth:.2f}" if depth is not None else ""
+            )
+            if variant == "document":
+                records += _teacher_unit(model, codec, settings, length, forks, bar, tag)
+            else:
+                records += _retrieval_unit(model, codec, settings, length, depth, variant, forks, bar, tag)
+    finally:
+        bar.close()
+        if own_patch:
+            pqpatch.unpatch_model(model)
+    return {
+        "settings": asdict(settings), "machine": machine_info(), "records": records,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+
+
+def _prefill(model, ids, extra, settings, bar, tag):
+    bar.set_description(f"{tag} | prefill {len(ids)} tok")
+    t0 = time.perf_counter()
+    if settings.blockwise_prefill:
+        with blockwise_prefill(model):
+            cache, logits = prefill(model, ids, extra)
+    else:
+        cache, logits = prefill(model, ids, extra)
+    bar.update(1)
+    return cache, logits, time.perf_counter() - t0
+
+
+def _retrieval_unit(model, codec, settings, length, depth, variant, forks, bar, tag) -> list[dict]:
+    if variant == "passkey":
+        sample = passkey_sample(codec, length, depth, seed=settings.seed)
+    else:
+        sample = niah_sample(codec, length, depth, variant, seed=settings.seed)
+    cache, first, prefill_s = _prefill(model, sample.ids, sample.max_new_tokens, settings, bar, tag)
+    out = []
+
+    def answered(tokens: list[int]) -> bool:  # the answer line is over: later text is not scored anyway
+        return "\n" in codec.decode(tokens).lstrip()
+
+    for method, budget in forks:
+        bar.set_description(f"{tag} | {method}" + (f" {budget}" if budget is not None else ""))
+        fork = cache.fork(method_config(method, budget, settings.base))
+        with threads(settings.decode_threads):
+            res = greedy_decode(model, fork, first, sample.max_new_tokens, codec.eos, done=answered)
+        text = codec.decode(res.tokens)
+        out.append({
+            "task": sample.task, "variant": variant, "length": length, "prompt_tokens": len(sample.ids),
+            "depth": depth, "method": method, "budget": budget, "score": score_answer(text, sample.answers),
+            "answers": sample.answers, "output": text, "s_per_token": res.seconds_per_token,
+            "prefill_s": round(prefill_s, 2),
+        })
+        bar.update(1)
+    return out
+
+
+def _teacher_unit(model, codec, settings, length, forks, bar, tag) -> list[dict]:
+    from .tasks import document_ids
+
+    t = settings.teacher_tokens
+    ids = document_ids(codec, length, seed=settings.seed)
+    if t >= len(ids) - 1:
+        raise ValueError(f"teacher_tokens={t} leaves no prompt in a {len(ids)}-token document")
+    cache, _, prefill_s = _prefill(model, ids[:-t], t, settings, bar, tag)
+    feed = ids[-t:]
+    ref = None
+    out = []
+    # dense first: it is the reference every other fork is compared with
+    order = sorted(forks, key=lambda f: f[0] != "dense")
+    if order[0][0] != "dense":
+        order.insert(0, ("dense", None))
+    for method, budget in order:
+        bar.set_description(f"{tag} | {method}" + (f" {budget}" if budget is not None else ""))
+        cfg = method_config(method, budget, settings.base)
+        fork = cache.fork(cfg)
+        probe = None
+        if cfg is not None:
+            probe = RecallProbe(fork, method_config("pq" if method == "streaming" else method, budget, settings.base))
+        with threads(settings.decode_threads):
+            res = teacher_forced(model, fork, feed)
+        logits = torch.stack(res.logits)  # [T, V]
+        if ref is None:
+            ref = logits
+        kl = kl_divergence(ref, logits)
+        rec = {
+            "task": "teacher", "length": length, "prompt_tokens": len(ids) - t, "teacher_tokens": t,
+            "method": method, "budget": budget, "kl": kl.mean().item(), "kl_max": kl.max().item(),
+            "top1": top1_agreement(ref, logits).float().mean().item(), "s_per_token": res.seconds_per_token,
+            "prefill_s": round(prefill_s, 2), "layers": _layer_summary(probe.rows if probe else []),
+        }
+        if (method, budget) in forks:
+            out.append(rec)
+            bar.update(1)
+    return out
+
+
+def _layer_summary(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean recall / coverage per layer over the decode steps (recall: NaN steps skipped)."""
+    by: dict[int, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["layer"], []).append(r)
+    out = {}
+    for layer, rs in sorted(by.items()):
+        rec = [r["recall"] for r in rs if not math.isnan(r["recall"])]
+        out[str(layer)] = {
+            "recall": sum(rec) / len(rec) if rec else float("nan"),
+            "coverage": sum(r["coverage"] for r in rs) / len(rs), "steps": len(rs),
+        }
+    return out

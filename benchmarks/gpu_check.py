@@ -65,10 +65,32 @@ def _bench_kernels_summary(_: str) -> list[str]:
     return lines
 
 
+def _bench_decode_summary(_: str) -> list[str]:
+    """ms/token per method and the speed-up over transformers' offloaded cache (issue target: >= 3x at 32K)."""
+    path = RESULTS / "bench_decode.json"
+    if not path.exists():
+        return ["no results/bench_decode.json"]
+    res = json.loads(path.read_text())
+    lines = [f"{res['device']}, {res['layers']} layers (Llama-3-8B shape)"]
+    for r in res["rows"]:
+        head = f"  ctx={r['context']:<7} B={r['batch']} {r['method']:<11}"
+        if "error" in r:
+            lines.append(f"{head} {r['error']}")
+            continue
+        extra = f" x{r['speedup_vs_hf_offload']:.2f} vs hf_offload" if "speedup_vs_hf_offload" in r else ""
+        kv = f" GPU KV {r['gpu_kv_mib']:.0f}/{r['dense_kv_mib']:.0f} MiB" if "gpu_kv_mib" in r else ""
+        lines.append(f"{head} {r['ms_per_token']:8.2f} ms/tok peak {r['peak_gpu_gib'] or 0:.1f} GiB{kv}{extra}")
+    return lines
+
+
 STEPS: list[Step] = [
     Step("kernel_tests", [PY, "-m", "pytest", "-m", "gpu or triton", "-x", "-q", "tests/"], 200, _pytest_summary),
     Step("bench_kernels", [PY, "benchmarks/bench_kernels.py", "--out", str(RESULTS / "bench_kernels.json")], 120,
          _bench_kernels_summary),
+    # 4 of the 32 layers keep the step inside the 5-minute budget; per-token times scale with the layer count
+    Step("bench_decode", [PY, "benchmarks/bench_decode.py", "--layers", "4", "--contexts", "32768,131072",
+                          "--batches", "1", "--new-tokens", "8", "--out", str(RESULTS / "bench_decode.json")], 150,
+         _bench_decode_summary),
 ]
 
 

@@ -195,8 +195,9 @@ def test_pq_layer_is_used_for_every_global_layer(arch):
 def test_triton_backend_full_budget_equals_dense(arch_name):
     """The Triton kernels wired into the decode path (interpreter on CPU): full budget == dense."""
     pytest.importorskip("triton")
-    model = tiny_model(arch_name)
-    ids = torch.randint(1, 96, (2, PROMPT))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest sets TRITON_INTERPRET)
+    model = tiny_model(arch_name).to(dev)
+    ids = torch.randint(1, 96, (2, PROMPT), device=dev)
     mask = torch.ones_like(ids)
     ids[1, :5], mask[1, :5] = 0, 0
     ref = _gen(model, ids, mask)

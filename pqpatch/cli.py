@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate (default 8)")
     d.add_argument("--depth", type=_depth, default=0.5, help="relative position of the pass key (default 0.5)")
     d.add_argument("--model", default=None, help="a transformers checkpoint or .gguf file (default: Gemma-3-270M)")
+    d.add_argument("--num-subspaces", type=int, default=None, help="PQCacheConfig.num_subspaces (default 2)")
+    d.add_argument("--bits", type=int, default=None, help="PQCacheConfig.bits (default 6)")
     d.add_argument("--decode-threads", type=int, default=1, help=_THREADS_HELP)
 
     e = sub.add_parser("eval", help="run an evaluation grid and write JSON + PNG results")
@@ -137,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .eval.demo import run_demo
 
+        fields = {k: v for k, v in (("num_subspaces", args.num_subspaces), ("bits", args.bits)) if v is not None}
         run_demo(args.model, length=args.length, budget=args.budget, max_new_tokens=args.max_new_tokens,
-                 depth=args.depth, decode_threads=args.decode_threads or None)
+                 depth=args.depth, decode_threads=args.decode_threads or None, **fields)
         return 0
     return _cmd_eval(args)
 

@@ -137,3 +137,16 @@ def test_default_model_loads_and_answers_a_passkey():
     s = EvalSettings(tasks=("passkey",), lengths=(2048,), depths=(0.5,), budgets=(0.2,), methods=("dense", "pq"))
     res = run_eval(model, HFCodec(tok), s, progress=False)
     assert [r["score"] for r in res["records"]] == [1.0, 1.0]
+
+
+def test_demo_runs_on_a_tiny_model(tiny_dir, capsys):
+    from pqpatch.eval.demo import run_demo
+
+    res = run_demo(str(tiny_dir), length=320, budget=0.5, max_new_tokens=4, min_context=64, sink_tokens=4)
+    out = capsys.readouterr().out
+    assert "dense  :" in out and "pqpatch:" in out and "ms/token" in out
+    mem = res["memory"]
+    n = res["prompt_tokens"] + 4  # the cache holds prompt + new tokens
+    assert mem["dense_global"] == n * 2 * 2 * 16 * 4  # one global layer, K+V, 2 KV heads x 16 dims, float32
+    assert mem["pq_codes"] == 2 * n * 2 and mem["pq_centroids"] > 0  # [Hkv, max_len, m] uint8
+    assert 0 < mem["pq_attended"] < mem["dense_global"]

@@ -21,7 +21,7 @@ def _say(msg: str) -> None:
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 class _StepClock:
@@ -98,9 +98,11 @@ def kv_memory(model, cache) -> dict[str, int]:
 
 def run_demo(
     model_name: str | None = None, length: int = 8192, budget: float | int = 0.2, max_new_tokens: int = 8,
-    depth: float = 0.5, seed: int = 0, decode_threads: int | None = 1,
+    depth: float = 0.5, seed: int = 0, decode_threads: int | None = 1, **config_fields,
 ) -> dict:
-    """Run the demo and print its report to stdout (progress to stderr). Returns the numbers it printed."""
+    """Run the demo and print its report to stdout (progress to stderr). Returns the numbers it printed.
+
+    config_fields: further `PQCacheConfig` fields (num_subspaces, bits, ...); the defaults otherwise."""
     import pqpatch
 
     from ..models import load_default_model, load_model
@@ -119,8 +121,9 @@ def run_demo(
     dense = _generate(model, ids, max_new_tokens, tok, decode_threads)
     _say(f"      done in {time.perf_counter() - t:.1f} s (prefill {dense.prefill_s:.1f} s)")
 
-    cfg = pqpatch.PQCacheConfig(token_budget=budget)
-    _say(f"[3/4] patched decoding (pqpatch.patch_model, token_budget={budget}) ...")
+    cfg = pqpatch.PQCacheConfig(token_budget=budget, **config_fields)
+    extra = "".join(f", {k}={v}" for k, v in config_fields.items())
+    _say(f"[3/4] patched decoding (pqpatch.patch_model, token_budget={budget}{extra}) ...")
     pqpatch.patch_model(model, cfg)
     try:
         t = time.perf_counter()
@@ -135,7 +138,7 @@ def run_demo(
     ok_dense, ok_pq = score_answer(dense.text, [key]) == 1.0, score_answer(pq.text, [key]) == 1.0
     pq_index = mem["pq_codes"] + mem["pq_centroids"]
     lines = [
-        f"pass key: {key}   prompt: {ids.shape[1]} tokens   budget: {budget}"
+        f"pass key: {key}   prompt: {ids.shape[1]} tokens   budget: {budget}{extra}"
         + (f" (sink/top-k/window = {split[0][0]}/{split[0][1]}/{split[0][2]} tokens)" if split else ""),
         f"  dense  : {dense.text.strip()!r:28} {'correct' if ok_dense else 'WRONG'}   "
         f"{dense.s_per_token * 1e3:.0f} ms/token",
@@ -150,4 +153,4 @@ def run_demo(
         f"total demo time: {time.perf_counter() - t_all:.0f} s",
     ]
     print("\n".join(lines))
-    return {"key": key, "dense": dense, "pq": pq, "dense_correct": ok_dense, "pq_correct": ok_pq, "memory": mem}
+    return {"key": key, "prompt_tokens": ids.shape[1], "dense": dense, "pq": pq, "dense_correct": ok_dense, "pq_correct": ok_pq, "memory": mem}

@@ -90,7 +90,8 @@ def summary_markdown(result: dict) -> str:
            + f"; wall time {result['wall_s']:.0f} s", ""]
     recs = result["records"]
     if tasks[0] in ("passkey", "niah"):
-        out += ["Accuracy (share of needles recalled), mean over depths:", "", retrieval_table(recs), ""]
+        over = "depths and variants" if tasks[0] == "niah" and len(s["variants"]) > 1 else "depths"
+        out += [f"Accuracy (share of needles recalled), mean over {over}:", "", retrieval_table(recs), ""]
         if tasks[0] == "niah" and len(s["variants"]) > 1:
             for v in s["variants"]:
                 out += [f"NIAH {v}:", "", retrieval_table(recs, v), ""]

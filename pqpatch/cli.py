@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate (default 8)")
     d.add_argument("--depth", type=_depth, default=0.5, help="relative position of the pass key (default 0.5)")
     d.add_argument("--model", default=None, help="a transformers checkpoint or .gguf file (default: Gemma-3-270M)")
-    d.add_argument("--num-subspaces", type=int, default=None, help="PQCacheConfig.num_subspaces (default 2)")
-    d.add_argument("--bits", type=int, default=None, help="PQCacheConfig.bits (default 6)")
+    d.add_argument("--num-subspaces", type=int, default=None,
+                   help="PQCacheConfig.num_subspaces (demo default: head_dim // 16, i.e. 16 for Gemma-3)")
+    d.add_argument("--bits", type=int, default=None, help="PQCacheConfig.bits (demo default 8)")
     d.add_argument("--decode-threads", type=int, default=1, help=_THREADS_HELP)
 
     e = sub.add_parser("eval", help="run an evaluation grid and write JSON + PNG results")

@@ -102,7 +102,9 @@ def run_demo(
 ) -> dict:
     """Run the demo and print its report to stdout (progress to stderr). Returns the numbers it printed.
 
-    config_fields: further `PQCacheConfig` fields (num_subspaces, bits, ...); the defaults otherwise."""
+    config_fields: further `PQCacheConfig` fields (num_subspaces, bits, ...). Unless given, the demo uses
+    16-dimensional sub-vectors (num_subspaces = head_dim // 16) and bits=8: on Gemma-3's head dim 256 the
+    library default (m=2, b=6: 128-dimensional sub-vectors) misreads digits of the pass key (docs/results.md)."""
     import pqpatch
 
     from ..models import load_default_model, load_model
@@ -121,6 +123,10 @@ def run_demo(
     dense = _generate(model, ids, max_new_tokens, tok, decode_threads)
     _say(f"      done in {time.perf_counter() - t:.1f} s (prefill {dense.prefill_s:.1f} s)")
 
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    config_fields.setdefault("num_subspaces", max(1, head_dim // 16))
+    config_fields.setdefault("bits", 8)
     cfg = pqpatch.PQCacheConfig(token_budget=budget, **config_fields)
     extra = "".join(f", {k}={v}" for k, v in config_fields.items())
     _say(f"[3/4] patched decoding (pqpatch.patch_model, token_budget={budget}{extra}) ...")

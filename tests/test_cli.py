@@ -142,7 +142,8 @@ def test_default_model_loads_and_answers_a_passkey():
 def test_demo_runs_on_a_tiny_model(tiny_dir, capsys):
     from pqpatch.eval.demo import run_demo
 
-    res = run_demo(str(tiny_dir), length=320, budget=0.5, max_new_tokens=4, min_context=64, sink_tokens=4)
+    res = run_demo(str(tiny_dir), length=320, budget=0.5, max_new_tokens=4, min_context=64, sink_tokens=4,
+                   num_subspaces=2)
     out = capsys.readouterr().out
     assert "dense  :" in out and "pqpatch:" in out and "ms/token" in out
     mem = res["memory"]

@@ -8,7 +8,6 @@ spend their time in faiss or torch kernels, both of which release the GIL.
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,7 +36,6 @@ class ClusterPool:
     def __init__(self, num_threads: int | None = None) -> None:
         n = num_threads or min(4, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="pqpatch-kmeans")
-        self._lock = threading.Lock()
         self.num_threads = n
 
     def submit(
@@ -77,8 +75,7 @@ class ClusterPool:
                 codes.append(q)
             return Codebook(torch.stack(cents), codes)
 
-        with self._lock:
-            return self._pool.submit(job)
+        return self._pool.submit(job)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny randomly initialised causal LMs of every supported architecture, and test markers."""
 
+import gc
 import os
+import warnings
 
 import pytest
 import torch
@@ -61,3 +63,11 @@ def tiny_model(arch: str, seed: int = 0, layers: int = 2, heads: int = 4, kv_hea
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+def live_tensor_count() -> int:
+    """Tensors reachable by the garbage collector: a growth check across repeated generate() calls."""
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on some lazy torch module objects warns
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))

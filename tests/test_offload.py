@@ -1,12 +1,10 @@
 """Offload: same tokens and logits as the GPU-resident PQ path, block-cache policies, stats, no growth."""
 
-import gc
 import threading
-import warnings
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import live_tensor_count, tiny_model
 
 import pqpatch
 from pqpatch.blockcache import BlockCache
@@ -142,16 +140,10 @@ def test_no_growth_over_50_generates_with_offload():
     pqpatch.patch_model(model, _cfg(True))
     ids = torch.randint(1, 96, (1, 60))
 
-    def live():
-        gc.collect()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
-
     for _ in range(3):
         model.generate(ids, max_new_tokens=4, do_sample=False)
-    threads, tensors = threading.active_count(), live()
+    threads, tensors = threading.active_count(), live_tensor_count()
     for _ in range(50):
         model.generate(ids, max_new_tokens=4, do_sample=False)
     assert threading.active_count() <= threads
-    assert live() <= tensors
+    assert live_tensor_count() <= tensors

@@ -1,12 +1,10 @@
 """Model-level behaviour of patch_model / unpatch_model on tiny random models of every supported architecture."""
 
-import gc
 import threading
-import warnings
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import live_tensor_count, tiny_model
 
 import pqpatch
 from pqpatch.cache import PQLayer
@@ -159,24 +157,17 @@ def test_beams_refused_with_clear_error():
         model.generate(torch.randint(1, 96, (1, PROMPT)), max_new_tokens=2, num_beams=2)
 
 
-def _live_tensors() -> int:
-    gc.collect()
-    with warnings.catch_warnings():  # isinstance() on some lazy torch module objects warns
-        warnings.simplefilter("ignore")
-        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
-
-
 def test_no_thread_or_memory_growth_over_50_generates():
     model = tiny_model("llama")
     pqpatch.patch_model(model, pqpatch.PQCacheConfig(token_budget=0.4, min_context=16, sink_tokens=2, bits=3))
     ids = torch.randint(1, 96, (1, 40))
     for _ in range(3):  # warm up: pool threads start lazily
         model.generate(ids, max_new_tokens=3, do_sample=False)
-    threads, tensors = threading.active_count(), _live_tensors()
+    threads, tensors = threading.active_count(), live_tensor_count()
     for _ in range(50):
         model.generate(ids, max_new_tokens=3, do_sample=False)
     assert threading.active_count() <= threads  # pools of models from other tests may be collected meanwhile
-    assert _live_tensors() <= tensors
+    assert live_tensor_count() <= tensors
     before = threading.active_count()
     pqpatch.unpatch_model(model)
     assert threading.active_count() < before  # the clustering pool is closed

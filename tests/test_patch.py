@@ -197,3 +197,30 @@ def test_triton_backend_full_budget_equals_dense(arch_name):
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_prefill_does_not_wait_for_kmeans(monkeypatch):
+    """Clustering runs in the pool: the prefill returns while k-means is still blocked; decode waits for it."""
+    import pqpatch.clustering as clustering
+    from pqpatch.cache import PQCache
+
+    release, started = threading.Event(), threading.Event()
+    real = clustering.train_pq
+
+    def gated(*a, **k):
+        started.set()
+        assert release.wait(timeout=30), "the test never released k-means"
+        return real(*a, **k)
+
+    monkeypatch.setattr(clustering, "train_pq", gated)
+    model = tiny_model("llama")
+    pqpatch.patch_model(model, _full())
+    cache = PQCache(model, PROMPT + 4)
+    kw = model._pqpatch.cache_kwarg
+    with torch.no_grad():
+        out = model(torch.randint(1, 96, (1, PROMPT)), **{kw: cache})  # returns although k-means is blocked
+        assert started.wait(timeout=30)
+        assert all(layer.future is not None and not layer.future.done() for layer in cache.pq_layers())
+        release.set()
+        model(out.logits[:, -1:].argmax(-1), **{kw: cache})  # the first decode step waits for the codebooks
+    assert all(layer.future is None and layer.codes is not None for layer in cache.pq_layers())

@@ -216,7 +216,6 @@ class PQCache(StaticCache):
             raise ValueError("PQCache needs a patched model: call pqpatch.patch_model(model, config) first")
         text_config = model.config.get_text_config(decoder=True)
         super().__init__(config=text_config, max_cache_len=max_cache_len)
-        self.max_cache_len = max_cache_len
         if state.config.offload:
             from .offload import OffloadPQLayer as layer_cls
         else:

@@ -40,6 +40,7 @@ class PQLayer(StaticLayer):
         self._configure(config)
         self.length = 0  # tokens written (python int: shapes depend on it, values do not)
         self.start: torch.Tensor | None = None  # [B] first non-padding position
+        self.steps = 0  # sparse decode steps run
         self.record = False  # keep the last decode step's token index in `last_index` (evaluation)
         self.last_index: torch.Tensor | None = None
         self._clear()
@@ -179,6 +180,7 @@ class PQLayer(StaticLayer):
         idx = self.token_index(q, scaling)
         if self.record:
             self.last_index = idx
+        self.steps += 1
         out, _ = kernels.sparse_decode_attention(q, self.keys, self.values, idx, scaling, backend=self.cfg.backend)
         return out.reshape(b, hq, -1)[:, None]
 

@@ -11,9 +11,9 @@ import torch
 class CacheStats:
     """Totals over the PQ layers of one cache. Byte counts are per whole cache, not per layer.
 
-    steps: sparse decode steps summed over layers; requested / hits / misses: selected top-k tokens and how
-    many were found in the GPU block cache (offload) — hits + misses == requested; bytes_h2d / bytes_d2h: host
-    transfers; gpu_kv_bytes: K/V bytes on the compute device for the PQ layers (codes and centroids included);
+    steps: sparse decode steps summed over layers; requested / hits / misses (offload only, else 0): selected
+    top-k tokens and how many were found in the GPU block cache — hits + misses == requested; bytes_h2d /
+    bytes_d2h (offload only): host transfers; gpu_kv_bytes: K/V bytes on the compute device for the PQ layers (codes and centroids included);
     dense_kv_bytes: what a dense cache of the same length would hold for them.
     """
 
@@ -39,13 +39,14 @@ class CacheStats:
 
     def __str__(self) -> str:
         mib = 1 << 20
-        return (
-            f"pqpatch stats: {self.layers} PQ layers, offload={self.offload}, {self.steps} layer-steps | "
+        head = f"pqpatch stats: {self.layers} PQ layers, offload={self.offload}, {self.steps} sparse layer-steps | "
+        moved = (
             f"selected {self.requested} tokens, block-cache hit rate {self.hit_rate:.1%} | "
             f"H2D {self.bytes_h2d / mib:.2f} MiB ({self.bytes_h2d_per_step / 1024:.1f} KiB/layer-step), "
-            f"D2H {self.bytes_d2h / mib:.2f} MiB | GPU KV {self.gpu_kv_bytes / mib:.2f} MiB "
-            f"vs dense {self.dense_kv_bytes / mib:.2f} MiB"
+            f"D2H {self.bytes_d2h / mib:.2f} MiB | "
+            if self.offload else ""
         )
+        return f"{head}{moved}GPU KV {self.gpu_kv_bytes / mib:.2f} MiB vs dense {self.dense_kv_bytes / mib:.2f} MiB"
 
 
 def _nbytes(*ts: torch.Tensor | None) -> int:
@@ -70,6 +71,7 @@ def cache_stats(cache) -> CacheStats:
                 tot[f.name] += getattr(layer.stats, f.name)
         else:
             gpu += _nbytes(layer.keys, layer.values, layer.codes, layer.centroids)
+            tot["steps"] += layer.steps
     return CacheStats(offload=cache.pq_config.offload, layers=len(layers), gpu_kv_bytes=gpu, dense_kv_bytes=dense, **tot)
 
 

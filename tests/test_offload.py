@@ -147,3 +147,17 @@ def test_no_growth_over_50_generates_with_offload():
         model.generate(ids, max_new_tokens=4, do_sample=False)
     assert threading.active_count() <= threads
     assert live_tensor_count() <= tensors
+
+
+def test_stats_of_a_resident_cache_and_errors():
+    model = tiny_model("llama")
+    pqpatch.patch_model(model, _cfg(False))
+    with pytest.raises(ValueError, match="no generate"):
+        pqpatch.stats(model)
+    model.generate(torch.randint(1, 96, (1, 100)), max_new_tokens=5, do_sample=False)
+    st = pqpatch.stats(model)
+    assert st.steps == 2 * 4 and st.requested == 0 and not st.offload  # 2 layers x 4 sparse steps
+    assert st.gpu_kv_bytes > st.dense_kv_bytes > 0
+    assert "offload=False" in str(st) and "hit rate" not in str(st)
+    with pytest.raises(ValueError, match="patched"):
+        pqpatch.stats(tiny_model("llama"))

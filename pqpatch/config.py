@@ -55,7 +55,7 @@ class PQCacheConfig:
     offload: bool = False
     quest_page_tokens: int = 16
     cache_block_tokens: int = 64
-    gpu_cache_tokens: int = 4096
+    gpu_cache_tokens: int = 2048
     cache_policy: str = "lfu"
 
     def __post_init__(self) -> None:

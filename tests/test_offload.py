@@ -161,3 +161,22 @@ def test_stats_of_a_resident_cache_and_errors():
     assert "offload=False" in str(st) and "hit rate" not in str(st)
     with pytest.raises(ValueError, match="patched"):
         pqpatch.stats(tiny_model("llama"))
+
+
+def test_gpu_resident_kv_at_128k_is_under_an_eighth_of_dense():
+    """The offload target: at 128K context and budget 0.1 the GPU keeps <= 1/8 of the dense K/V (Llama head
+    dim 128, bf16, codes and centroids included). One KV head is enough: every part scales with the heads."""
+    from pqpatch.clustering import ClusterPool
+    from pqpatch.offload import OffloadPQLayer
+
+    n, d = 131072, 128
+    pool = ClusterPool(2)
+    layer = OffloadPQLayer(n + 16, 0, pqpatch.PQCacheConfig(token_budget=0.1, offload=True, min_context=1), pool)
+    keys = torch.randn(1, 1, n, d, dtype=torch.bfloat16)
+    layer.update(keys, keys.clone())
+    layer.after_prefill(None, 1)
+    layer.update(keys[:, :, :1], keys[:, :, :1])
+    layer.decode(torch.randn(1, 4, 1, d, dtype=torch.bfloat16), d**-0.5)  # allocates the codes
+    dense = 2 * d * 2 * layer.length  # K + V, bf16
+    assert layer.codes is not None and layer.gpu_kv_bytes() <= dense / 8
+    pool.shutdown()

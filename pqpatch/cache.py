@@ -233,8 +233,11 @@ class PQCache(StaticCache):
         """An independent copy of this (prefilled) cache whose decode steps follow `config` (None: dense).
 
         Lets an evaluation prefill once and decode under many methods and budgets. The budget split is
-        recomputed for `config`; PQ codebooks are retrained from the copied keys.
+        recomputed for `config`; PQ codebooks are retrained from the copied keys. Resident caches only: an
+        offloaded layer's GPU buffers are laid out for its own split.
         """
+        if self.pq_config.offload or (config is not None and config.offload):
+            raise ValueError("PQCache.fork works on caches with offload=False; patch with offload=False to fork")
         new = copy.copy(self)
         new.layers = [
             layer.fork(config) if isinstance(layer, PQLayer) else copy.deepcopy(layer) for layer in self.layers

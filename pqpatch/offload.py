@@ -36,8 +36,9 @@ class LayerStats:
     requested: int = 0  # selected top-k tokens (sink and window excluded: they are always resident)
     hits: int = 0  # ... found in the GPU block cache
     misses: int = 0  # ... gathered from the host store (hits + misses == requested)
+    staged: int = 0  # token slots copied into staging (misses, padded to the row with the most)
     admitted_blocks: int = 0
-    bytes_h2d: int = 0  # host -> GPU: missed tokens + admitted blocks
+    bytes_h2d: int = 0  # host -> GPU: staged slots + admitted blocks
     bytes_d2h: int = 0  # GPU -> host: new tokens written to the store
 
 
@@ -119,6 +120,8 @@ class OffloadPQLayer(PQLayer):
         self.res_v[:, :, slots] = value_states[:, :, pos - p0]
         self.cumulative_length.add_(t)
         self.length += t
+        if self.start is not None:
+            self._fill_sink(p0, key_states, value_states)
         if p0 == 0:
             self._pending = (key_states, value_states)  # after_prefill copies the sink tokens from these
             return key_states, value_states
@@ -133,13 +136,19 @@ class OffloadPQLayer(PQLayer):
         first = self.start is None
         super().after_prefill(attention_mask, batch)
         if first and self._pending is not None:
-            k, v = self._pending
+            self._starts = self.start.tolist()
+            self._fill_sink(0, *self._pending)
             self._pending = None
-            for b in range(batch):
-                s0 = int(self.start[b])
-                n = max(0, min(self.sink, k.shape[2] - s0))
-                self.res_k[b, :, :n] = k[b, :, s0 : s0 + n]
-                self.res_v[b, :, :n] = v[b, :, s0 : s0 + n]
+
+    def _fill_sink(self, p0: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy the sink positions among new tokens [B, Hkv, T, D] (written at p0..) into the sink slots. A short
+        left-padded row reaches its last sink positions only while decoding, so this runs on every update."""
+        t = k.shape[2]
+        for b, s0 in enumerate(self._starts):
+            a, e = max(p0, s0), min(p0 + t, s0 + self.sink)
+            if a < e:
+                self.res_k[b, :, a - s0 : e - s0] = k[b, :, a - p0 : e - p0]
+                self.res_v[b, :, a - s0 : e - s0] = v[b, :, a - p0 : e - p0]
 
     def _key_range(self, a: int, b: int) -> torch.Tensor:
         if a >= self.length - self.window:  # still in the ring
@@ -197,7 +206,8 @@ class OffloadPQLayer(PQLayer):
         st.requested += int((rows >= 0).sum())
         st.hits += int(hit.sum())
         st.misses += int(miss.sum())
-        st.bytes_h2d += int(miss.sum()) * elt
+        st.staged += b * h * nm  # the copy moves nm slots of every row (the largest miss count)
+        st.bytes_h2d += b * h * nm * elt
         return r.view(b, h, k), blk
 
     def _admit(self, blk: torch.Tensor) -> None:

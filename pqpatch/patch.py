@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,13 @@ class PatchState:
     attn_modules: list[torch.nn.Module]
     hooks: list = field(default_factory=list)
     cache_kwarg: str = "past_key_values"
-    last_cache: object = None  # the cache of the latest generate() call, for stats
+    last_stats: object = None  # stats.CacheStats of the latest generate() call
+    _last_cache: object = None  # weakref to that call's cache: its memory goes when the caller drops it
+
+    @property
+    def last_cache(self):
+        """The latest generate() call's PQCache while something (e.g. its output) still holds it, else None."""
+        return self._last_cache() if self._last_cache is not None else None
 
 
 def _register() -> None:
@@ -120,12 +127,16 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _max_new_tokens(model: torch.nn.Module, kwargs: dict, prompt_len: int) -> int:
-    gen = kwargs.get("generation_config") or model.generation_config
-    new = kwargs.get("max_new_tokens", getattr(gen, "max_new_tokens", None))
-    if new is None:
-        total = kwargs.get("max_length", getattr(gen, "max_length", None)) or 20
-        new = max(total - prompt_len, 1)
-    return int(new)
+    """Tokens generate() will add, resolved as transformers does: max_new_tokens, else max_length - prompt,
+    else transformers' default of 20 new tokens. Call arguments win over a passed generation_config, which wins
+    over the model's."""
+    passed = kwargs.get("generation_config")
+    configs = [kwargs, getattr(passed, "__dict__", {}), getattr(model.generation_config, "__dict__", {})]
+    for name in ("max_new_tokens", "max_length"):
+        value = next((c[name] for c in configs if c.get(name) is not None), None)
+        if value is not None:
+            return int(value) if name == "max_new_tokens" else max(int(value) - prompt_len, 1)
+    return 20
 
 
 def _generate(model: torch.nn.Module, original, *args, **kwargs):
@@ -146,8 +157,16 @@ def _generate(model: torch.nn.Module, original, *args, **kwargs):
             "pqpatch decodes one sequence per prompt: use num_beams=1 and num_return_sequences=1, "
             "or repeat the prompt in the batch"
         )
+    from .stats import cache_stats
+
     prompt_len = inputs.shape[1]
+    state._last_cache = None  # drop our reference to the previous call's cache before allocating this one
     cache = PQCache(model, max_cache_len=prompt_len + _max_new_tokens(model, kwargs, prompt_len))
-    state.last_cache = cache
+    state._last_cache = weakref.ref(cache)
     kwargs[state.cache_kwarg] = cache
-    return original(model, *args, **kwargs)
+    try:
+        return original(model, *args, **kwargs)
+    finally:
+        for m in state.attn_modules:  # the hook's reference would keep this cache alive until the next call
+            m.__dict__.pop("_pqpatch_cache", None)
+        state.last_stats = cache_stats(cache)

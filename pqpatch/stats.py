@@ -23,6 +23,7 @@ class CacheStats:
     requested: int
     hits: int
     misses: int
+    staged: int
     admitted_blocks: int
     bytes_h2d: int
     bytes_d2h: int
@@ -57,7 +58,9 @@ def cache_stats(cache) -> CacheStats:
     """Stats of a `PQCache` (see `CacheStats`)."""
     from .offload import OffloadPQLayer
 
-    tot = dict.fromkeys(("steps", "requested", "hits", "misses", "admitted_blocks", "bytes_h2d", "bytes_d2h"), 0)
+    tot = dict.fromkeys(
+        ("steps", "requested", "hits", "misses", "staged", "admitted_blocks", "bytes_h2d", "bytes_d2h"), 0
+    )
     gpu = dense = 0
     layers = cache.pq_layers()
     for layer in layers:
@@ -76,10 +79,11 @@ def cache_stats(cache) -> CacheStats:
 
 
 def stats(model: torch.nn.Module) -> CacheStats:
-    """Stats of the cache that the patched model's latest generate() call used."""
+    """Stats of the cache that the patched model's latest generate() call used (taken when it returned).
+    For a cache you drive yourself, call `cache_stats(cache)`."""
     state = getattr(model, "_pqpatch", None)
     if state is None:
         raise ValueError("pqpatch.stats needs a patched model: call pqpatch.patch_model(model, config) first")
-    if state.last_cache is None:
+    if state.last_stats is None:
         raise ValueError("no generate() call yet: pqpatch.stats reports on the latest one")
-    return cache_stats(state.last_cache)
+    return state.last_stats

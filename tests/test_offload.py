@@ -73,7 +73,7 @@ def test_stats_sanity_and_gpu_bytes():
     assert st.hits + st.misses == st.requested == selected
     assert st.steps == len(idx) == 2 * 15  # 2 layers, 15 sparse decode steps after the prefill's token
     elt = 4 * (16 + 16)  # float32 key + value of head dim 16
-    assert st.bytes_h2d == (st.misses + st.admitted_blocks * 8) * elt
+    assert st.staged >= st.misses and st.bytes_h2d == (st.staged + st.admitted_blocks * 8) * elt
     assert st.bytes_d2h == 2 * 2 * (400 + 15) * elt  # 2 layers x 2 KV heads, every token written once
     assert st.gpu_kv_bytes < st.dense_kv_bytes / 2
     dense = pqpatch.stats(_run("llama", False, ids, None, token_budget=60)[0])
@@ -180,3 +180,31 @@ def test_gpu_resident_kv_at_128k_is_under_an_eighth_of_dense():
     dense = 2 * d * 2 * layer.length  # K + V, bf16
     assert layer.codes is not None and layer.gpu_kv_bytes() <= dense / 8
     pool.shutdown()
+
+
+@pytest.mark.parametrize("prompt,pad,sink", [(40, 37, 8), (24, 0, 30)])
+def test_offload_sink_tokens_generated_after_the_prefill(prompt, pad, sink):
+    """A row with fewer real prompt tokens than `sink` reaches its last sink positions while decoding; the
+    offloaded sink slots must hold them (full budget: must equal dense)."""
+    torch.manual_seed(4)
+    ids = torch.randint(1, 96, (2, prompt))
+    mask = torch.ones_like(ids)
+    ids[1, :pad], mask[1, :pad] = 0, 0
+    cfg = dict(token_budget=1.0, sink_tokens=sink, local_tokens=4, min_context=8)
+    ref = tiny_model("llama").generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
+                                       return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    model = tiny_model("llama")
+    pqpatch.patch_model(model, _cfg(True, **cfg))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fork_refuses_offloaded_caches():
+    model = tiny_model("llama")
+    pqpatch.patch_model(model, _cfg(True))
+    cache = PQCache(model, 80)
+    with pytest.raises(ValueError, match="offload=False"):
+        cache.fork(None)

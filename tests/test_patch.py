@@ -1,5 +1,6 @@
 """Model-level behaviour of patch_model / unpatch_model on tiny random models of every supported architecture."""
 
+import gc
 import threading
 
 import pytest
@@ -93,15 +94,15 @@ def test_short_prompt_stays_dense():
     ids = torch.randint(1, 96, (1, 20))
     ref = model.generate(ids, max_new_tokens=5, do_sample=False)
     pqpatch.patch_model(model, pqpatch.PQCacheConfig(token_budget=4, min_context=64))
-    out = model.generate(ids, max_new_tokens=5, do_sample=False)
-    assert torch.equal(out, ref)
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
     assert not any(layer.active for layer in model._pqpatch.last_cache.pq_layers())
 
 
 def test_gemma3_sliding_layers_stay_dense():
     model = tiny_model("gemma3", layers=4)
     pqpatch.patch_model(model, _full())
-    _gen(model, torch.randint(1, 96, (1, PROMPT)))
+    out = _gen(model, torch.randint(1, 96, (1, PROMPT)))  # noqa: F841 -- the output keeps the cache alive
     kinds = [type(layer).__name__ for layer in model._pqpatch.last_cache.layers]
     assert kinds[0] != "PQLayer" and kinds[1] == "PQLayer" and kinds[2] != "PQLayer" and kinds[3] == "PQLayer"
 
@@ -176,7 +177,7 @@ def test_no_thread_or_memory_growth_over_50_generates():
 def test_pq_layer_is_used_for_every_global_layer(arch):
     model = tiny_model(arch, layers=2)
     pqpatch.patch_model(model, _full())
-    _gen(model, torch.randint(1, 96, (1, PROMPT)))
+    out = _gen(model, torch.randint(1, 96, (1, PROMPT)))  # noqa: F841 -- the output keeps the cache alive
     n_global = sum(isinstance(layer, PQLayer) for layer in model._pqpatch.last_cache.layers)
     assert n_global == (1 if arch == "gemma3" else 2)
 
@@ -224,3 +225,37 @@ def test_prefill_does_not_wait_for_kmeans(monkeypatch):
         release.set()
         model(out.logits[:, -1:].argmax(-1), **{kw: cache})  # the first decode step waits for the codebooks
     assert all(layer.future is None and layer.codes is not None for layer in cache.pq_layers())
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"max_length": 70}, {"max_new_tokens": 7}, {"max_length": 200, "max_new_tokens": 3}, "config"]
+)
+def test_generate_length_settings_match_transformers(kw):
+    """The cache is sized as transformers resolves the length (default: 20 new tokens)."""
+    from transformers import GenerationConfig
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 96, (1, 40))
+    if kw == "config":
+        kw = {"generation_config": GenerationConfig(max_new_tokens=9, do_sample=False, pad_token_id=0)}
+    ref = model.generate(ids, do_sample=False, **kw) if "generation_config" not in kw else model.generate(ids, **kw)
+    pqpatch.patch_model(model, _full())
+    out = model.generate(ids, do_sample=False, **kw) if "generation_config" not in kw else model.generate(ids, **kw)
+    assert out.shape == ref.shape and torch.equal(out, ref)
+
+
+def test_cache_memory_is_released_after_generate():
+    """Neither the patch state nor the attention modules keep the last call's KV cache alive."""
+    import weakref
+
+    model = tiny_model("llama")
+    pqpatch.patch_model(model, _full())
+    out = _gen(model, torch.randint(1, 96, (1, PROMPT)))
+    ref = weakref.ref(model._pqpatch.last_cache)
+    assert ref() is not None  # the returned output still holds it
+    assert all("_pqpatch_cache" not in m.__dict__ for m in model._pqpatch.attn_modules)
+    stats = pqpatch.stats(model)
+    del out
+    gc.collect()
+    assert ref() is None and model._pqpatch.last_cache is None
+    assert pqpatch.stats(model) is stats and stats.steps == 2 * (NEW - 1)

@@ -45,6 +45,7 @@ class GenResult:
     text: str
     prefill_s: float
     s_per_token: float
+    cache: object = None  # the PQCache of a patched run (None for dense)
 
 
 def _generate(model, ids: torch.Tensor, max_new_tokens: int, tokenizer, decode_threads: int | None) -> GenResult:
@@ -57,14 +58,16 @@ def _generate(model, ids: torch.Tensor, max_new_tokens: int, tokenizer, decode_t
         with torch.no_grad():
             out = model.generate(
                 ids, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]),
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
             )
+        state = getattr(model, "_pqpatch", None)  # the output holds the PQ cache, so its weak reference is alive
+        cache = state.last_cache if state is not None else None
     finally:
         torch.set_num_threads(old_threads)
     t = clock.times
     spt = (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else float("nan")  # step i+1's logits - step i's
-    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    return GenResult(text, t[0] - t0 if t else float("nan"), spt)
+    text = tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True)
+    return GenResult(text, t[0] - t0 if t else float("nan"), spt, cache)
 
 
 def kv_memory(model, cache) -> dict[str, int]:
@@ -135,8 +138,9 @@ def run_demo(
         t = time.perf_counter()
         pq = _generate(model, ids, max_new_tokens, tok, decode_threads)
         _say(f"      done in {time.perf_counter() - t:.1f} s (prefill {pq.prefill_s:.1f} s)")
-        mem = kv_memory(model, model._pqpatch.last_cache)
-        split = [(x.sink, x.topk, x.local) for x in model._pqpatch.last_cache.pq_layers()][:1]
+        mem = kv_memory(model, pq.cache)
+        split = [(x.sink, x.topk, x.local) for x in pq.cache.pq_layers()][:1]
+        pq.cache = None  # release the K/V
     finally:
         pqpatch.unpatch_model(model)
     _say("[4/4] report")

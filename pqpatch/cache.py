@@ -82,23 +82,29 @@ class PQLayer(StaticLayer):
             new._start_pq()
         return new
 
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # `update` returns only the filled prefix: a causal prefill without padding then needs no mask at all
+        # (SDPA's is_causal path), instead of a [q, max_len] boolean mask (17 GB for a 128K prompt)
+        return self.length + query_length, 0
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append [B, Hkv, T, D] new keys/values; returns the full [B, Hkv, max_len, D] buffers."""
+        """Append [B, Hkv, T, D] new keys/values into the static buffers; returns views of the filled prefix
+        [B, Hkv, length, D] (what exact attention needs; the sparse decode reads the buffers themselves)."""
         if self.length + key_states.shape[-2] > self.max_cache_len:
             raise ValueError(
                 f"the PQ cache was built for {self.max_cache_len} tokens and is full; build it with a larger "
                 f"max_cache_len (generate() does this from max_new_tokens)"
             )
-        out = super().update(key_states, value_states, *args, **kwargs)
+        super().update(key_states, value_states, *args, **kwargs)
         self.length += key_states.shape[-2]
-        return out
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
     # ---- prefill -------------------------------------------------------------------------------------------
     def after_prefill(self, attention_mask: torch.Tensor | None, batch: int) -> None:
         """Called once the layer's exact attention over a multi-token input is done.
 
-        attention_mask: the 4D mask given to the attention function ([B, 1, q, max_len], bool or additive),
-        or None. On the first prefill, records padding and hands the keys to the clustering pool.
+        attention_mask: the 4D mask given to the attention function ([B, 1, q, length], bool or additive),
+        or None (no padding). On the first prefill, records padding and hands the keys to the clustering pool.
         """
         if self.start is not None:
             return  # a later multi-token step (chunked prefill): its tokens get codes as they leave the window

@@ -259,3 +259,15 @@ def test_cache_memory_is_released_after_generate():
     gc.collect()
     assert ref() is None and model._pqpatch.last_cache is None
     assert pqpatch.stats(model) is stats and stats.steps == 2 * (NEW - 1)
+
+
+def test_unpadded_prefill_needs_no_mask_on_pq_layers():
+    """PQ layers expose only their filled prefix, so an unpadded causal prefill runs SDPA's is_causal path
+    instead of materialising a [q, max_len] boolean mask (17 GB for a 128K prompt)."""
+    model = tiny_model("llama")
+    pqpatch.patch_model(model, _full())
+    masks = []
+    for m in model._pqpatch.attn_modules:
+        m.register_forward_pre_hook(lambda mod, a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
+    model.generate(torch.randint(1, 96, (1, 300)), max_new_tokens=2, do_sample=False)
+    assert len(masks) == 4 and all(mask is None for mask in masks)

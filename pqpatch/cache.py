@@ -1,7 +1,8 @@
 """The PQ cache: a transformers `StaticCache` whose global-attention layers also keep PQ codes.
 
-Buffers are preallocated to the context the cache is built for (prompt + max_new_tokens), so every decode step
-sees the same shapes. Per PQ layer and sequence b, positions split as
+Buffers are preallocated to the context the cache is built for (prompt + max_new_tokens), so the sparse decode
+step reads tensors of the same shapes every step (`update` hands exact attention only the filled prefix).
+Per PQ layer and sequence b, positions split as
 
     [0, start_b)            left padding: never attended
     [start_b, start_b+sink) sink tokens: always attended

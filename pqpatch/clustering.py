@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.reference import pq_assign_ref
+
 from .codebook import train_pq
 
 __all__ = ["Codebook", "ClusterPool"]
@@ -68,12 +70,17 @@ class ClusterPool:
         def job() -> Codebook:
             if ready is not None:
                 ready.synchronize()
-            cents, codes = [], []
-            for b in range(host.shape[0]):
-                c, q = train_pq(host[b, :, lo[b] : max(hi, lo[b])], num_subspaces, bits, iters, seed)
-                cents.append(c)
-                codes.append(q)
-            return Codebook(torch.stack(cents), codes)
+            rows = [host[b, :, lo[b] : max(hi, lo[b])] for b in range(host.shape[0])]  # [Hkv, n_b, D] each
+            books = [train_pq(x, num_subspaces, bits, iters, seed) for x in rows]
+            # A heavily left-padded sequence may have fewer training keys than centroids (none at all, even):
+            # its codebook would be nearly flat. Borrow the codebook of the sequence with the most keys (same
+            # layer and heads, so the same key distribution) and code its own keys with it.
+            richest = max(range(len(rows)), key=lambda b: rows[b].shape[1])
+            for b, x in enumerate(rows):
+                if x.shape[1] < 1 << bits <= rows[richest].shape[1]:
+                    c = books[richest][0]  # [Hkv, m, K, Ds]
+                    books[b] = (c, pq_assign_ref(x[None].float(), c[None])[0])
+            return Codebook(torch.stack([c for c, _ in books]), [q for _, q in books])
 
         return self._pool.submit(job)
 

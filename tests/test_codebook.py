@@ -59,3 +59,14 @@ def test_pool_trains_every_sequence_from_its_own_start():
     assert book.centroids.shape == (2, 3, 2, 8, 16)
     assert [c.shape for c in book.codes] == [(3, 80, 2), (3, 60, 2)]
     pool.shutdown()
+
+
+def test_short_padded_sequence_borrows_the_richest_codebook():
+    """A sequence with fewer training keys than centroids uses the codebook of the one with the most keys."""
+    pool = ClusterPool(1)
+    keys = torch.randn(2, 2, 300, 32)
+    book = pool.submit(keys, lo=[0, 295], hi=300, num_subspaces=2, bits=4, iters=3, seed=0).result()
+    assert torch.equal(book.centroids[1], book.centroids[0])
+    assert book.codes[1].shape == (2, 5, 2)
+    assert torch.equal(book.codes[1], pq_assign_ref(keys[1:, :, 295:300], book.centroids[:1])[0])
+    pool.shutdown()

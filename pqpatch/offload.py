@@ -200,8 +200,9 @@ class OffloadPQLayer(PQLayer):
             vst = self.values.view(b * h, *self.values.shape[2:])[ar, pos]
             if self.device.type == "cuda":
                 kst, vst = kst.pin_memory(), vst.pin_memory()
-            self.res_k[:, :, self.stage0 : self.stage0 + nm] = kst.view(b, h, nm, -1).to(self.device, non_blocking=True)
-            self.res_v[:, :, self.stage0 : self.stage0 + nm] = vst.view(b, h, nm, -1).to(self.device, non_blocking=True)
+            # straight from pinned memory into the staging slots: one host->device copy each, no temporary
+            self.res_k[:, :, self.stage0 : self.stage0 + nm].copy_(kst.view(b, h, nm, -1), non_blocking=True)
+            self.res_v[:, :, self.stage0 : self.stage0 + nm].copy_(vst.view(b, h, nm, -1), non_blocking=True)
         st = self.stats
         st.requested += int((rows >= 0).sum())
         st.hits += int(hit.sum())

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.smoke:
-        a.contexts, a.batches, a.layers, a.new_tokens = "1536", "1", 2, 4
+        a.contexts, a.batches, a.layers, a.new_tokens = "1536", "1", 2, 10
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = build_model(a.layers, a.smoke, device, dtype)
     methods = [m for m in a.methods.split(",") if device == "cuda" or m != "hf_offload"]

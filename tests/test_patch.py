@@ -271,3 +271,21 @@ def test_unpadded_prefill_needs_no_mask_on_pq_layers():
         m.register_forward_pre_hook(lambda mod, a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
     model.generate(torch.randint(1, 96, (1, 300)), max_new_tokens=2, do_sample=False)
     assert len(masks) == 4 and all(mask is None for mask in masks)
+
+
+@pytest.mark.parametrize(
+    "prompt,heads,kv_heads,head_dim",
+    [(1, 4, 4, 64), (17, 8, 2, 128), (97, 8, 1, 256), (1000, 4, 1, 64), (97, 4, 4, 128)],
+)
+def test_full_budget_equals_dense_odd_sizes(prompt, heads, kv_heads, head_dim):
+    """Prompt lengths 1/17/97/1000, GQA groups 1/4/8, head dims 64/128/256 through the whole model."""
+    model = tiny_model("qwen3", heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    ids = torch.randint(1, 96, (1, prompt))
+    ref = _gen(model, ids)
+    cfg = pqpatch.PQCacheConfig(token_budget=1.0, sink_tokens=4, local_tokens=5, min_context=1, bits=3)
+    pqpatch.patch_model(model, cfg)
+    out = _gen(model, ids)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert all(layer.active and layer.steps == NEW - 1 for layer in model._pqpatch.last_cache.pq_layers())

@@ -208,3 +208,16 @@ def test_fork_refuses_offloaded_caches():
     cache = PQCache(model, 80)
     with pytest.raises(ValueError, match="offload=False"):
         cache.fork(None)
+
+
+@pytest.mark.parametrize("prompt,heads,kv_heads,head_dim", [(1, 4, 4, 64), (17, 8, 1, 128), (97, 8, 2, 256)])
+def test_offload_full_budget_equals_dense_odd_sizes(prompt, heads, kv_heads, head_dim):
+    ids = torch.randint(1, 96, (1, prompt))
+    kw = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    ref = tiny_model("qwen2", heads=heads, kv_heads=kv_heads, head_dim=head_dim).generate(ids, **kw)
+    model = tiny_model("qwen2", heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    pqpatch.patch_model(model, _cfg(True, token_budget=1.0, sink_tokens=3, local_tokens=4, min_context=1))
+    out = model.generate(ids, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -173,10 +173,12 @@ def sparse_decode_attention_ref(
     no token).
     """
     b, h, g, d = query.shape
+    n, s = keys.shape[2], idx.shape[-1]
     valid = idx >= 0
-    safe = idx.clamp_min(0).long()
-    k_sel = torch.gather(keys, 2, safe[..., None].expand(b, h, safe.shape[-1], keys.shape[-1]))
-    v_sel = torch.gather(values, 2, safe[..., None].expand(b, h, safe.shape[-1], values.shape[-1]))
+    # one index_select over the flattened (b, h, n) rows: no [B, Hkv, S, D] expanded index to build
+    rows = (idx.clamp_min(0).long() + torch.arange(b * h, device=idx.device).view(b, h, 1) * n).flatten()
+    k_sel = keys.reshape(b * h * n, -1).index_select(0, rows).view(b, h, s, -1)  # [B, Hkv, S, D]
+    v_sel = values.reshape(b * h * n, -1).index_select(0, rows).view(b, h, s, -1)  # [B, Hkv, S, Dv]
     logits = torch.einsum("bhgd,bhsd->bhgs", query.float(), k_sel.float()) * scaling
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # [B, Hkv, G]

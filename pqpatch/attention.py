@@ -25,7 +25,7 @@ def pqcache_attention_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """query: [B, H, q, D]; key/value: [B, Hkv, max_len, D] (the cache's buffers). Returns ([B, q, H, Dv], None)."""
+    """query: [B, H, q, D]; key/value: [B, Hkv, kv, D] (all tokens so far). Returns ([B, q, H, Dv], None)."""
     cache = getattr(module, "_pqpatch_cache", None)
     layer = cache.layers[module.layer_idx] if isinstance(cache, PQCache) else None
     if not isinstance(layer, PQLayer):
@@ -36,10 +36,7 @@ def pqcache_attention_forward(
     if q_len == 1 and layer.active:
         return layer.decode(query, scaling), None
     out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if q_len > 1:
-        layer.after_prefill(attention_mask, query.shape[0])
-    elif layer.start is None:  # a 1-token prompt: nothing to cluster, stay dense
-        layer.after_prefill(attention_mask, query.shape[0])
+    layer.after_prefill(attention_mask, query.shape[0])  # acts on the first forward only (1-token prompts too)
     return out
 
 

@@ -46,6 +46,12 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
+def head_dim_of(model_config) -> int:
+    """Attention head dim of a (possibly multimodal) transformers config."""
+    text = model_config.get_text_config(decoder=True)
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Self-attention modules: the ones transformers gives a `layer_idx` and q/k/v projections."""
     mods = [
@@ -80,7 +86,7 @@ def patch_model(model: torch.nn.Module, config: PQCacheConfig | None = None) -> 
     mods = _attention_modules(model)
     if not mods:
         raise ValueError(f"no attention modules found in {type(model).__name__}")
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = head_dim_of(mconf)
     if head_dim % config.num_subspaces:
         raise ValueError(
             f"num_subspaces={config.num_subspaces} must divide the model's head dim {head_dim}; "

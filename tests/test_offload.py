@@ -178,6 +178,7 @@ def test_gpu_resident_kv_at_128k_is_under_an_eighth_of_dense():
     layer.update(keys[:, :, :1], keys[:, :, :1])
     layer.decode(torch.randn(1, 4, 1, d, dtype=torch.bfloat16), d**-0.5)  # allocates the codes
     dense = 2 * d * 2 * layer.length  # K + V, bf16
+    print(f"GPU-resident / dense KV at 128K, budget 0.1: {layer.gpu_kv_bytes() / dense:.3f}")  # shown with -s
     assert layer.codes is not None and layer.gpu_kv_bytes() <= dense / 8
     pool.shutdown()
 

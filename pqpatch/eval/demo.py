@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..patch import head_dim_of
+
 __all__ = ["run_demo", "kv_memory"]
 
 
@@ -78,7 +80,7 @@ def kv_memory(model, cache) -> dict[str, int]:
     pq_attended: K+V of the tokens one decode step attends to in the global layers (sink + top-k + window).
     """
     text = model.config.get_text_config(decoder=True)
-    d = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    d = head_dim_of(model.config)
     hkv = text.num_key_value_heads
     elem = next(model.parameters()).element_size()
     layers = cache.pq_layers()
@@ -126,9 +128,7 @@ def run_demo(
     dense = _generate(model, ids, max_new_tokens, tok, decode_threads)
     _say(f"      done in {time.perf_counter() - t:.1f} s (prefill {dense.prefill_s:.1f} s)")
 
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    config_fields.setdefault("num_subspaces", max(1, head_dim // 16))
+    config_fields.setdefault("num_subspaces", max(1, head_dim_of(model.config) // 16))
     config_fields.setdefault("bits", 8)
     cfg = pqpatch.PQCacheConfig(token_budget=budget, **config_fields)
     extra = "".join(f", {k}={v}" for k, v in config_fields.items())

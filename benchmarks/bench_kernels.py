@@ -33,7 +33,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels  # noqa: E402
+from pqpatch import kernels  # noqa: E402
 
 HKV, G, D, M, BITS = 8, 4, 128, 2, 6
 DTYPE = torch.bfloat16

@@ -7,6 +7,25 @@
 Importing this package is light: transformers, triton and faiss are imported on first use.
 """
 
+import sys as _sys
+from pathlib import Path as _Path
+
+# A source checkout (no install, e.g. a copied working tree) keeps the ops in ../kernels; an installed pqpatch has
+# them as pqpatch/kernels. Let `pqpatch.kernels` resolve in both layouts.
+if not (_Path(__file__).parent / "kernels").is_dir() and (_Path(__file__).parents[1] / "kernels" / "ops.py").is_file():
+    import importlib.util as _util
+
+    class _KernelsFinder:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name != "pqpatch.kernels":
+                return None
+            folder = _Path(__file__).parents[1] / "kernels"
+            return _util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+
+    if not any(isinstance(f, type) and f.__name__ == "_KernelsFinder" for f in _sys.meta_path):
+        _sys.meta_path.append(_KernelsFinder)
+
 from .config import PQCacheConfig
 from .patch import patch_model, unpatch_model
 from .stats import CacheStats, stats

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 import torch
 from transformers.cache_utils import StaticCache, StaticLayer
 
-import kernels
+from . import kernels
 
 from .clustering import ClusterPool
 from .config import PQCacheConfig

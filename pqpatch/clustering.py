@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import pq_assign_ref
+from .kernels.reference import pq_assign_ref
 
 from .codebook import train_pq
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+from . import kernels
 
 from .blockcache import BlockCache
 from .cache import PQLayer

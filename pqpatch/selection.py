@@ -17,8 +17,8 @@ import math
 
 import torch
 
-import kernels
-from kernels.reference import group_softmax_scores
+from . import kernels
+from .kernels.reference import group_softmax_scores
 
 __all__ = ["QuestPages", "select"]
 

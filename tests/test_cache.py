@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.reference import pq_assign_ref
+from pqpatch.kernels.reference import pq_assign_ref
 from pqpatch import PQCacheConfig
 from pqpatch.cache import PQLayer
 from pqpatch.clustering import ClusterPool

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.reference import pq_assign_ref, pq_reconstruct_ref
+from pqpatch.kernels.reference import pq_assign_ref, pq_reconstruct_ref
 from pqpatch.clustering import ClusterPool
 from pqpatch.codebook import faiss_available, inertia, kmeans_faiss, kmeans_torch, train_pq
 

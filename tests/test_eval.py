@@ -44,7 +44,7 @@ def _case(n=200, d=16, g=2, seed=0):
 
 
 def test_oracle_selection_has_recall_one():
-    import kernels
+    from pqpatch import kernels
 
     q, keys, start = _case()
     n, sink, local, k = 200, 4, 20, 30

@@ -14,8 +14,8 @@ import random
 import pytest
 import torch
 
-import kernels
-from kernels import reference as ref
+from pqpatch import kernels
+from pqpatch.kernels import reference as ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -23,7 +23,7 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 def _triton_ops():
     pytest.importorskip("triton")
-    from kernels import triton_ops
+    from pqpatch.kernels import triton_ops
 
     return triton_ops
 

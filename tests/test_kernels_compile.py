@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import kernels
+from pqpatch import kernels
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -43,7 +43,7 @@ def _assert_same(a, b):
 
 
 def test_import_kernels_does_not_import_triton():
-    code = "import sys, kernels; assert 'triton' not in sys.modules, 'kernels imported triton'"
+    code = "import sys, pqpatch.kernels; assert 'triton' not in sys.modules, 'pqpatch.kernels imported triton'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
 
 

@@ -68,7 +68,7 @@ def selection_recall(
     [B, Hkv, S] positions the method attended (-1 = empty); scaling: the attention scale.
     Returns {"recall": float or nan when there is nothing to select, "coverage": float}, means over B and Hkv.
     """
-    import kernels
+    from .. import kernels
 
     b, h, g, _ = query.shape
     dev = query.device

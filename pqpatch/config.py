@@ -8,6 +8,7 @@ from dataclasses import dataclass
 SELECTIONS = ("pq", "oracle", "streaming", "quest")
 BACKENDS = ("auto", "torch", "triton")
 CACHE_POLICIES = ("lfu", "lru")
+SEED_MAX = 2**31 - 1  # faiss takes the k-means seed as a C int
 
 
 def _is_int(x: object) -> bool:
@@ -29,7 +30,7 @@ class PQCacheConfig:
         count.
     num_subspaces: m, product-quantization sub-spaces per key (must divide the head dim).
     bits: b, 2**b centroids per sub-space (1..8).
-    kmeans_iters, seed: k-means iterations and seed.
+    kmeans_iters, seed: k-means iterations and seed (an int in [0, 2**31 - 1]: faiss takes a C int).
     num_threads: clustering thread-pool size (None: min(4, CPU count)).
     min_context: prompts shorter than this stay fully dense.
     selection: "pq" (PQCache), "oracle" (exact top-k: the upper bound), "streaming" (sink + local only),
@@ -79,8 +80,9 @@ class PQCacheConfig:
             raise ValueError(f"bits must be an int in 1..8 (2**bits centroids per sub-space), got {self.bits!r}")
         if not _is_int(self.kmeans_iters) or self.kmeans_iters < 1:
             raise ValueError(f"kmeans_iters must be an int >= 1, got {self.kmeans_iters!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
+            # faiss takes the seed as a C int (and seeds problem i with seed + i, see codebook.kmeans_faiss)
+            raise ValueError(f"seed must be an int in [0, {SEED_MAX}] (2**31 - 1), got {self.seed!r}")
         if self.num_threads is not None and (not _is_int(self.num_threads) or self.num_threads < 1):
             raise ValueError(f"num_threads must be None or an int >= 1, got {self.num_threads!r}")
         if not _is_int(self.min_context) or self.min_context < 1:

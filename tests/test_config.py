@@ -11,7 +11,7 @@ BAD = [
     ("token_budget", 0.0), ("token_budget", 1.5), ("token_budget", 0), ("token_budget", -3), ("token_budget", "0.2"),
     ("token_budget", True), ("sink_tokens", -1), ("sink_tokens", 2.0), ("local_tokens", 1.0), ("local_tokens", -0.1),
     ("local_tokens", 0), ("num_subspaces", 0), ("num_subspaces", 1.5), ("bits", 0), ("bits", 9), ("bits", None),
-    ("kmeans_iters", 0), ("seed", 0.5), ("num_threads", 0), ("num_threads", 2.0), ("min_context", 0),
+    ("kmeans_iters", 0), ("seed", 0.5), ("seed", -1), ("seed", 2**31), ("seed", 2**64), ("num_threads", 0), ("num_threads", 2.0), ("min_context", 0),
     ("selection", "random"), ("selection", "PQ"), ("backend", "cuda"), ("offload", 1), ("quest_page_tokens", 0),
     ("cache_block_tokens", 0), ("gpu_cache_tokens", -1), ("cache_policy", "fifo"),
 ]

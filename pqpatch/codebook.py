@@ -3,22 +3,104 @@
 A "problem" is one (KV head, sub-space) pair of one sequence: its points are that sub-vector of every training
 key. Both trainers take all problems of a sequence at once, x: [P, n, Ds], and return
 centroids [P, K, Ds] float32 and codes [P, n] uint8 (the assignment of every training point).
+
+Input guard (`train_pq`): non-finite keys (NaN/inf) raise a ValueError that says where they came from. Finite
+keys far from 1 in magnitude are clustered after a per-problem power-of-two rescale (see `_rescale`): faiss
+aborts the whole process (an exception thrown inside OpenMP) once squared distances overflow float32, near
+|x| ~ 1e19, and the torch k-means silently degrades (overflowing distances: wrong nearest centroids). k-means is
+scale-equivariant, and a power-of-two scale is exact in floating point, so the codes are those of the unscaled
+problem and the centroids come back in the keys' own scale.
+
+Which trainer runs: faiss when importable, else the torch k-means (a warning is logged once: the two sample
+and seed differently, so results change). `kmeans_trainer()` names it; an evaluation records it.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from typing import Callable
+
 import numpy as np
 import torch
 
-__all__ = ["faiss_available", "kmeans_torch", "kmeans_faiss", "train_pq", "inertia"]
+__all__ = ["faiss_available", "default_use_faiss", "kmeans_trainer", "kmeans_torch", "kmeans_faiss", "train_pq",
+           "inertia", "ClusteringStopped"]
+
+log = logging.getLogger("pqpatch")
+
+# Problems whose largest |x| lies outside [2**-_SAFE_EXP, 2**_SAFE_EXP] are rescaled before clustering. Far
+# inside float32's range both ways: a squared distance summed over Ds <= 2**10 dims and n <= 2**20 points of
+# magnitude 2**40 is 2**110 < 2**127, and 2**-40 squared (2**-80) is still a normal float32.
+_SAFE_EXP = 40
+_warned_no_faiss = False
+
+
+class ClusteringStopped(Exception):
+    """Raised inside a k-means job that its pool was asked to stop (see `ClusterPool.cancel`)."""
 
 
 def faiss_available() -> bool:
+    """Whether faiss can be imported (the preferred k-means)."""
     try:
         import faiss  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def kmeans_trainer() -> str:
+    """The k-means `train_pq` uses by default: "faiss <version>" or "torch" (faiss-cpu not installed)."""
+    if not faiss_available():
+        return "torch"
+    import faiss
+
+    return f"faiss {getattr(faiss, '__version__', '?')}"
+
+
+def default_use_faiss() -> bool:
+    """Whether training uses faiss when the caller does not say: yes if installed. Logs a warning the first
+    time it answers no (the torch fallback changes results)."""
+    global _warned_no_faiss
+    if faiss_available():
+        return True
+    if not _warned_no_faiss:
+        _warned_no_faiss = True
+        log.warning(
+            "pqpatch: faiss is not installed; k-means runs on the torch fallback, which samples and seeds "
+            "differently (results differ from a faiss run and it holds the GIL less). pip install faiss-cpu"
+        )
+    return False
+
+
+def _check_finite(x: torch.Tensor, where: str) -> None:
+    """x: [P, n, Ds] float32. Raise a ValueError naming `where` if any value is NaN or inf."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        tokens = int(bad.any(-1).any(0).sum())
+        raise ValueError(
+            f"k-means input{' of ' + where if where else ''}: {tokens} key(s) hold NaN or inf values, so PQ "
+            f"cannot index them. The model produced non-finite key states during the prefill (float16 "
+            f"overflow is the usual cause: load the model in bfloat16 or float32); dense attention over such "
+            f"keys is not meaningful either"
+        )
+
+
+def _rescale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Bring every problem's magnitude near 1 where it is far from it. x: [P, n, Ds] float32.
+
+    Returns (x / scale, scale [P, 1, 1] float32) or (x, None) when no problem needs it. Each scale is a power
+    of two, so x / scale is exact and k-means on it gives the same codes (centroids scaled by 1 / scale).
+    """
+    if x.numel() == 0:
+        return x, None
+    amax = x.abs().amax(dim=(1, 2))  # [P]
+    far = ((amax > 2.0**_SAFE_EXP) | ((amax > 0) & (amax < 2.0**-_SAFE_EXP))).tolist()
+    if not any(far):
+        return x, None
+    exps = [math.frexp(a)[1] if f else 0 for a, f in zip(amax.tolist(), far)]  # amax = f * 2**e, 0.5 <= f < 1
+    scale = torch.tensor([2.0**e for e in exps], dtype=torch.float32)[:, None, None]
+    return x / scale, scale
 
 
 def _degenerate(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +121,13 @@ def _assign(x: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
     return d.argmin(-1)
 
 
-def kmeans_torch(x: torch.Tensor, k: int, iters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched Lloyd k-means. x: [P, n, Ds] float32 -> (centroids [P, K, Ds], codes [P, n] uint8)."""
+def kmeans_torch(
+    x: torch.Tensor, k: int, iters: int, seed: int, should_stop: Callable[[], bool] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched Lloyd k-means. x: [P, n, Ds] float32 -> (centroids [P, K, Ds], codes [P, n] uint8).
+
+    All problems advance together, so `should_stop` (raises `ClusteringStopped` when it returns True) is
+    checked between iterations."""
     x = x.float()
     p, n, ds = x.shape
     if n <= k:
@@ -49,6 +136,8 @@ def kmeans_torch(x: torch.Tensor, k: int, iters: int, seed: int) -> tuple[torch.
     init = torch.randperm(n, generator=g)[:k]
     cent = x[:, init].clone()  # [P, K, Ds]
     for _ in range(iters):
+        if should_stop is not None and should_stop():
+            raise ClusteringStopped()
         a = _assign(x, cent)  # [P, n]
         sums = torch.zeros(p, k, ds).scatter_add_(1, a[..., None].expand(p, n, ds), x)
         counts = torch.zeros(p, k).scatter_add_(1, a, torch.ones(p, n))
@@ -57,8 +146,11 @@ def kmeans_torch(x: torch.Tensor, k: int, iters: int, seed: int) -> tuple[torch.
     return cent, _assign(x, cent).to(torch.uint8)
 
 
-def kmeans_faiss(x: torch.Tensor, k: int, iters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """faiss.Kmeans per problem (faiss releases the GIL, so pool threads run in parallel). Same contract."""
+def kmeans_faiss(
+    x: torch.Tensor, k: int, iters: int, seed: int, should_stop: Callable[[], bool] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """faiss.Kmeans per problem (faiss releases the GIL, so pool threads run in parallel). Same contract;
+    `should_stop` is checked before each problem."""
     import faiss
 
     x = x.float()
@@ -69,8 +161,11 @@ def kmeans_faiss(x: torch.Tensor, k: int, iters: int, seed: int) -> tuple[torch.
     codes = torch.empty(p, n, dtype=torch.uint8)
     xn = x.numpy()
     for i in range(p):
+        if should_stop is not None and should_stop():
+            raise ClusteringStopped()
         pts = np.ascontiguousarray(xn[i])
-        km = faiss.Kmeans(ds, k, niter=iters, seed=seed + i, verbose=False, min_points_per_centroid=1)
+        # faiss takes the seed as a C int: wrap seed + i (seed <= 2**31 - 1, PQCacheConfig checks it)
+        km = faiss.Kmeans(ds, k, niter=iters, seed=(seed + i) % 2**31, verbose=False, min_points_per_centroid=1)
         km.train(pts)
         _, a = km.index.search(pts, 1)
         cent[i] = torch.from_numpy(km.centroids)
@@ -85,12 +180,18 @@ def inertia(x: torch.Tensor, cent: torch.Tensor, codes: torch.Tensor) -> float:
 
 
 def train_pq(
-    keys: torch.Tensor, num_subspaces: int, bits: int, iters: int, seed: int, use_faiss: bool | None = None
+    keys: torch.Tensor, num_subspaces: int, bits: int, iters: int, seed: int, use_faiss: bool | None = None,
+    *, where: str = "", should_stop: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train one sequence's codebooks.
 
     keys: [Hkv, n, D] (any float dtype, CPU). Returns centroids [Hkv, m, K, Ds] float32 and
     codes [Hkv, n, m] uint8.
+
+    use_faiss: None picks faiss when installed (else the torch k-means, with a warning logged once).
+    where: named in errors (e.g. "layer 3, sequence 0"). should_stop: polled at problem boundaries; when it
+    returns True the training raises `ClusteringStopped`. Non-finite keys raise ValueError; keys of extreme
+    magnitude are rescaled for clustering (module docstring).
     """
     h, n, d = keys.shape
     m = num_subspaces
@@ -98,8 +199,12 @@ def train_pq(
         raise ValueError(f"num_subspaces={m} must divide the head dim {d}")
     ds, k = d // m, 1 << bits
     x = keys.float().reshape(h, n, m, ds).permute(0, 2, 1, 3).reshape(h * m, n, ds).contiguous()
+    _check_finite(x, where)
+    x, scale = _rescale(x)
     if use_faiss is None:
-        use_faiss = faiss_available()
+        use_faiss = default_use_faiss()
     fn = kmeans_faiss if use_faiss else kmeans_torch
-    cent, codes = fn(x, k, iters, seed)
+    cent, codes = fn(x, k, iters, seed, should_stop)
+    if scale is not None:
+        cent = cent * scale
     return cent.reshape(h, m, k, ds), codes.reshape(h, m, n).permute(0, 2, 1).contiguous()

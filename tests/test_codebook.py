@@ -1,4 +1,8 @@
-"""PQ training: code ranges, error vs bits, faiss vs torch k-means, the clustering pool."""
+"""PQ training: code ranges, error vs bits, faiss vs torch k-means, the input guard, the clustering pool."""
+
+import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,4 +85,81 @@ def test_short_padded_sequence_borrows_the_richest_codebook():
     assert torch.equal(book.centroids[1], book.centroids[0])
     assert book.codes[1].shape == (2, 5, 2)
     assert torch.equal(book.codes[1], pq_assign_ref(keys[1:, :, 295:300], book.centroids[:1])[0])
+    pool.shutdown()
+
+
+# ---- input guard: non-finite and extreme keys ------------------------------------------------------------------
+TRAINERS = [False, pytest.param(True, marks=pytest.mark.skipif(not faiss_available(), reason="no faiss"))]
+
+_EXTREME = """
+import sys, torch
+from pqpatch.codebook import train_pq
+use_faiss = sys.argv[1] == "1"
+keys = torch.randn(2, 400, 64, generator=torch.Generator().manual_seed(0))
+c0, q0 = train_pq(keys, 2, 4, 5, 0, use_faiss=use_faiss)
+for s in (2.0**64, 2.0**-70):  # squared distances overflow / underflow float32
+    c, q = train_pq(keys * s, 2, 4, 5, 0, use_faiss=use_faiss)
+    assert torch.equal(q, q0), ("codes changed", s)
+    assert torch.equal(c, c0 * s), ("centroids not in the keys' scale", s)
+keys[0, 7] = 1e19  # one huge but finite key among ordinary ones: must not abort the process
+c, q = train_pq(keys, 2, 4, 5, 0, use_faiss=use_faiss)
+assert torch.isfinite(c).all() and int(q.max()) < 16
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("use_faiss", TRAINERS)
+def test_extreme_finite_keys_are_rescaled_not_fatal(use_faiss):
+    """faiss aborts the process (exit 134, an exception inside OpenMP) on keys near 1e19, and the torch k-means
+    miscodes them; a power-of-two rescale gives exactly the codes of the unscaled keys. In a subprocess: an
+    abort must fail this test, not kill the test run."""
+    out = subprocess.run([sys.executable, "-c", _EXTREME, "1" if use_faiss else "0"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("use_faiss", TRAINERS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_keys_raise_a_clear_error(use_faiss, bad):
+    keys = torch.randn(2, 300, 32)
+    keys[1, 40, 3] = bad
+    with pytest.raises(ValueError, match=r"layer 5.*1 key\(s\) hold NaN or inf.*bfloat16"):
+        train_pq(keys, 2, 4, 3, 0, use_faiss=use_faiss, where="layer 5")
+
+
+def test_pool_error_names_the_layer():
+    pool = ClusterPool(1)
+    keys = torch.randn(1, 2, 100, 32)
+    keys[0, 0, 50] = float("nan")
+    fut = pool.submit(keys, lo=[0], hi=100, num_subspaces=2, bits=3, iters=2, seed=0, layer=7)
+    with pytest.raises(ValueError, match="layer 7, sequence 0"):
+        fut.result()
+    pool.shutdown()
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss-cpu not installed")
+def test_largest_seed_works_with_faiss():
+    """faiss takes a C int: seed + problem index must not overflow it at PQCacheConfig's largest seed."""
+    _, codes = train_pq(torch.randn(2, 100, 16), 2, 3, 2, 2**31 - 1, use_faiss=True)
+    assert codes.shape == (2, 100, 2)
+
+
+# ---- which trainer ran ---------------------------------------------------------------------------------------
+def test_codebook_records_its_trainer_and_warns_once_without_faiss(monkeypatch, caplog):
+    import pqpatch.codebook as cb
+
+    pool = ClusterPool(1)
+    keys = torch.randn(1, 2, 100, 32)
+    if faiss_available():
+        assert cb.kmeans_trainer().startswith("faiss")
+        assert pool.submit(keys, [0], 100, 2, 3, 2, 0).result().trainer == "faiss"
+    monkeypatch.setattr(cb, "faiss_available", lambda: False)
+    monkeypatch.setattr(cb, "_warned_no_faiss", False)
+    assert cb.kmeans_trainer() == "torch"
+    with caplog.at_level(logging.WARNING, logger="pqpatch"):
+        books = [pool.submit(keys, [0], 100, 2, 3, 2, 0).result() for _ in range(2)]
+        train_pq(keys[0], 2, 3, 2, 0)
+    assert [b.trainer for b in books] == ["torch", "torch"]
+    warned = [r for r in caplog.records if "faiss is not installed" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
     pool.shutdown()

@@ -3,21 +3,37 @@
 The main thread hands over a layer's prefill keys with `submit`; the copy to host memory is issued
 asynchronously (pinned buffer + CUDA event on GPUs) so the main thread never waits for it. The pool threads
 spend their time in faiss or torch kernels, both of which release the GIL.
+
+Abandoned jobs: a generate() that ends before its first decode step never collects its codebooks. Its caller
+hands those futures to `cancel`: queued jobs are dropped, running ones stop at the next (head, sub-space)
+problem boundary, and an exception from any of them is logged (nobody will call `.result()` to see it).
+
+Pinned staging on CUDA: each resident-cache submit copies its keys into a fresh `pin_memory=True` tensor. A
+single reused staging buffer does not fit: the copy must snapshot the keys in stream order at submit time
+(positions may be rewritten later), and every layer submits during the same prefill, long before the first
+job finishes, so all layers' snapshots are alive at once whatever the reuse. Across calls the blocks are
+recycled by torch's caching host allocator (no new cudaHostAlloc after the first call); its power-of-two
+rounding is the remaining cost. Offloaded layers pass `ready` and are read in place (no copy at all).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
 
+from . import codebook
+from .codebook import ClusteringStopped, train_pq
 from .kernels.reference import pq_assign_ref
 
-from .codebook import train_pq
+__all__ = ["Codebook", "ClusterPool", "ClusteringStopped"]
 
-__all__ = ["Codebook", "ClusterPool"]
+log = logging.getLogger("pqpatch")
 
 
 @dataclass
@@ -25,20 +41,32 @@ class Codebook:
     """One layer's trained codebook.
 
     centroids: [B, Hkv, m, K, Ds] float32 (CPU); codes: per sequence b, [Hkv, hi - lo[b], m] uint8 for the
-    training positions lo[b] <= n < hi.
+    training positions lo[b] <= n < hi. trainer: the k-means that produced it, "faiss" or "torch".
     """
 
     centroids: torch.Tensor
     codes: list[torch.Tensor]
+    trainer: str = "faiss"
 
 
 class ClusterPool:
-    """A small, long-lived thread pool (one per patched model; closed by `unpatch_model`)."""
+    """A small, long-lived thread pool (one per patched model; closed by `unpatch_model`).
+
+    `copy.deepcopy` and `pickle` give a fresh, empty pool with the same thread count (threads and queued jobs
+    cannot be copied, and a copied model must not share its original's jobs).
+    """
 
     def __init__(self, num_threads: int | None = None) -> None:
         n = num_threads or min(4, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="pqpatch-kmeans")
         self.num_threads = n
+        # stop flag of every job not yet finished; the lock guards the dict (submit, cancel and the pool
+        # threads' done-callbacks touch it)
+        self._stops: dict[Future, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def __reduce__(self):
+        return (ClusterPool, (self.num_threads,))
 
     def submit(
         self,
@@ -50,28 +78,39 @@ class ClusterPool:
         iters: int,
         seed: int,
         ready: torch.cuda.Event | None = None,
+        *,
+        layer: int | None = None,
     ) -> Future:
         """Cluster keys[b, :, lo[b]:hi] of every sequence b. keys: [B, Hkv, N, D] on any device.
 
         `ready`: the keys are a host buffer that an asynchronous copy is still filling; the job waits for this
-        event instead of copying them. Returns a Future of `Codebook`.
+        event instead of copying them. `layer`: named in errors (e.g. non-finite keys). Returns a Future of
+        `Codebook`; hand it to `cancel` if it will never be collected.
         """
         src = keys[:, :, : max(hi, 0)]
         if ready is not None:
             host = src  # positions [lo, hi) of a host store are never written again
         elif src.device.type == "cuda":
-            host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)  # see the module docstring
             host.copy_(src, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
         else:
             host, ready = src.clone(), None  # the buffer is written in place later: take a copy
+        stop = threading.Event()
+        use_faiss = codebook.default_use_faiss()  # decided once per job: the Codebook names what really ran
+        where = f"layer {layer}" if layer is not None else "a layer"
 
         def job() -> Codebook:
             if ready is not None:
                 ready.synchronize()
             rows = [host[b, :, lo[b] : max(hi, lo[b])] for b in range(host.shape[0])]  # [Hkv, n_b, D] each
-            books = [train_pq(x, num_subspaces, bits, iters, seed) for x in rows]
+            books = []
+            for b, x in enumerate(rows):
+                if stop.is_set():
+                    raise ClusteringStopped()
+                books.append(train_pq(x, num_subspaces, bits, iters, seed, use_faiss,
+                                      where=f"{where}, sequence {b}", should_stop=stop.is_set))
             # A heavily left-padded sequence may have fewer training keys than centroids (none at all, even):
             # its codebook would be nearly flat. Borrow the codebook of the sequence with the most keys (same
             # layer and heads, so the same key distribution) and code its own keys with it.
@@ -80,9 +119,52 @@ class ClusterPool:
                 if x.shape[1] < 1 << bits <= rows[richest].shape[1]:
                     c = books[richest][0]  # [Hkv, m, K, Ds]
                     books[b] = (c, pq_assign_ref(x[None].float(), c[None])[0])
-            return Codebook(torch.stack([c for c, _ in books]), [q for _, q in books])
+            return Codebook(torch.stack([c for c, _ in books]), [q for _, q in books],
+                            "faiss" if use_faiss else "torch")
 
-        return self._pool.submit(job)
+        with self._lock:
+            fut = self._pool.submit(job)
+            self._stops[fut] = stop
+        fut.add_done_callback(self._forget)
+        return fut
+
+    def _forget(self, fut: Future) -> None:
+        with self._lock:
+            self._stops.pop(fut, None)
+
+    def cancel(self, futures: Iterable[Future]) -> None:
+        """Abandon jobs of this pool: queued ones never run, running ones stop at the next (head, sub-space)
+        problem boundary (their future then raises `ClusteringStopped`). Returns at once. An exception other
+        than the stop from any of these jobs is logged, since no caller will collect it. Futures already
+        collected or finished are fine to pass."""
+        for fut in futures:
+            if fut is None or fut.cancel():
+                continue
+            with self._lock:
+                stop = self._stops.get(fut)
+            if stop is not None:
+                stop.set()
+            fut.add_done_callback(_log_abandoned)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every job submitted so far has finished (benchmarks: nothing left running in the
+        background). Returns False if `timeout` seconds passed first."""
+        with self._lock:
+            pending = list(self._stops)
+        return not wait(pending, timeout=timeout).not_done
 
     def shutdown(self) -> None:
+        """Stop queued and running jobs, then wait for the threads."""
+        with self._lock:
+            pending = list(self._stops)
+        self.cancel(pending)
         self._pool.shutdown(wait=True)
+
+
+def _log_abandoned(fut: Future) -> None:
+    """Done-callback of an abandoned job: log its exception, if any (a stop is the expected outcome)."""
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None and not isinstance(exc, ClusteringStopped):
+        log.error("pqpatch: an abandoned k-means job failed: %s", exc, exc_info=exc)

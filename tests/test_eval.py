@@ -43,18 +43,53 @@ def _case(n=200, d=16, g=2, seed=0):
     return torch.randn(1, 1, g, d), torch.randn(1, 1, n, d), torch.zeros(1, dtype=torch.long)
 
 
+def _hand_case():
+    """Two query heads of one KV head whose softmax over the candidates [2, 8) is set by hand.
+
+    keys[n] = (ln pA[n], ln pB[n]) and the queries are the unit vectors, so with scaling 1 head A's logits are
+    ln pA (its softmax over C is pA) and head B's are ln pB. Sink 2 and window 2 of N = 10 leave C = [2, 8).
+    """
+    pa = torch.tensor([0.40, 0.30, 0.10, 0.10, 0.05, 0.05], dtype=torch.float64)
+    pb = torch.tensor([0.10, 0.05, 0.05, 0.50, 0.10, 0.20], dtype=torch.float64)
+    # group mass per candidate 2..7: 0.50 0.35 0.15 0.60 0.15 0.25; head A alone would pick {2, 3}, B {5, 7}
+    keys = torch.zeros(1, 1, 10, 2)
+    keys[0, 0, 2:8] = torch.stack([pa.log(), pb.log()], -1).float()
+    query = torch.eye(2)[None, None]  # [B=1, Hkv=1, G=2, D=2]
+    return query, keys, torch.zeros(1, dtype=torch.long)
+
+
+@pytest.mark.parametrize("chosen,want", [
+    ([5, 2], 1.0),  # the oracle set: group mass 0.6 + 0.5 = 1.1
+    ([3, 7], 0.60 / 1.1),  # 0.35 + 0.25 (the mean of per-head ratios would be 0.558)
+    ([2, 4], 0.65 / 1.1),
+    ([4, 6], 0.30 / 1.1),
+    ([2, 3], 0.85 / 1.1),  # head A's own top-2: the group rule ranks by summed mass
+    ([], 0.0),  # sink and window only: nothing inside the candidates counts
+])
+def test_selection_recall_of_hand_computed_sets(chosen, want):
+    """recall = group mass of the chosen candidates / group mass of the exact top-k, computed by hand; sink and
+    window positions in the index list count for coverage but not for recall."""
+    q, keys, start = _hand_case()
+    idx = torch.tensor([0, 1, *chosen, 8, 9, -1])[None, None]  # sink, selection, window, an empty slot
+    r = selection_recall(q, keys, start, 10, 2, 2, 2, idx, 1.0)
+    assert r["recall"] == pytest.approx(want, abs=1e-6)
+    assert 0.0 < r["coverage"] <= 1.0 + 1e-6
+
+
 def test_oracle_selection_has_recall_one():
+    """The policy `oracle` (kernels.exact_topk) recovers the hand-computed best set, so its recall is 1, and a
+    random k-subset gets less."""
     from pqpatch import kernels
 
+    q, keys, start = _hand_case()
+    top = kernels.exact_topk(q, keys, start + 2, torch.tensor([8]), 2, 1.0)
+    assert sorted(top.flatten().tolist()) == [2, 5]
     q, keys, start = _case()
     n, sink, local, k = 200, 4, 20, 30
     lo, hi = start + sink, torch.tensor([n - local])
     top = kernels.exact_topk(q, keys, lo, hi, k, 0.25)
     idx = torch.cat([torch.arange(sink)[None, None], top, torch.arange(n - local, n)[None, None]], -1)
-    r = selection_recall(q, keys, start, n, sink, local, k, idx, 0.25)
-    assert r["recall"] == pytest.approx(1.0, abs=1e-6)
-    assert 0.0 < r["coverage"] <= 1.0 + 1e-6
-    # a random k-subset of the candidates gets less
+    assert selection_recall(q, keys, start, n, sink, local, k, idx, 0.25)["recall"] == pytest.approx(1.0, abs=1e-6)
     rand = (torch.randperm(n - local - sink)[:k] + sink)[None, None]
     assert selection_recall(q, keys, start, n, sink, local, k, rand, 0.25)["recall"] < 1.0
 
@@ -182,6 +217,17 @@ def test_run_eval_niah_variants():
     res = run_eval(model, CharCodec(), s, progress=False)
     assert [(r["variant"], r["method"]) for r in res["records"]] == [
         ("single", "dense"), ("single", "pq"), ("multivalue", "dense"), ("multivalue", "pq")]
+
+
+def test_results_record_which_kmeans_ran(monkeypatch):
+    """faiss and the torch fallback sample and seed differently: the result JSON must say which one ran."""
+    import pqpatch.codebook as cb
+    from pqpatch.eval.runner import machine_info
+
+    if cb.faiss_available():
+        assert machine_info()["kmeans"].startswith("faiss ")
+    monkeypatch.setattr(cb, "faiss_available", lambda: False)
+    assert machine_info()["kmeans"] == "torch"
 
 
 def test_settings_are_validated():

@@ -71,13 +71,18 @@ def format_length(n: int) -> str:
 
 
 def machine_info() -> dict:
+    """Versions and machine facts recorded with every result. "kmeans": the trainer that built the PQ
+    codebooks ("faiss <version>" or "torch", the fallback without faiss-cpu: it samples and seeds differently,
+    so results depend on it)."""
     import transformers
+
+    from ..codebook import kmeans_trainer
 
     return {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "kmeans": kmeans_trainer(),
     }
 
 

@@ -1,7 +1,10 @@
 """pqpatch tensor ops with backend dispatch.
 
-`backend="torch"` runs the PyTorch reference (`kernels.reference`), `backend="triton"` the Triton kernels, and
-`backend="auto"` picks Triton for CUDA tensors when triton is installed and the reference elsewhere.
+`backend="torch"` runs the PyTorch reference (`kernels.reference`), `backend="cpu"` the CPU fast paths
+(`kernels.cpu_select`, `kernels.cpu_attention`), `backend="triton"` the Triton kernels, and `backend="auto"` picks
+"cpu" for CPU tensors, Triton for CUDA tensors when triton is installed, and the reference elsewhere. When "auto"
+has to fall back to the reference on CUDA (triton missing) it logs a warning once and records it in
+`kernels.last_fallback`, so a slow GPU run can be explained after the fact.
 Shapes are documented in `kernels.reference`. Nothing here imports transformers or triton at import time.
 
 pq_topk, pq_assign and sparse_decode_attention call the torch.library ops `torch.ops.pqpatch.*` (`kernels.ops`), so
@@ -10,25 +13,51 @@ torch.compile(fullgraph=True) keeps them in one graph on every backend.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from . import ops as _ops
 from . import reference as ref
 
-__all__ = ["pq_topk", "exact_topk", "pq_assign", "sparse_decode_attention", "resolve_backend"]
+__all__ = ["pq_topk", "exact_topk", "pq_assign", "sparse_decode_attention", "resolve_backend", "last_fallback"]
 
-_BACKENDS = ("auto", "torch", "triton")
+_BACKENDS = ("auto", "torch", "cpu", "triton")
+_log = logging.getLogger(__name__)
+
+# None, or why the last "auto" resolution on CUDA ran the PyTorch reference instead of the Triton kernels
+last_fallback: str | None = None
+_fallback_warned = False
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" to a concrete backend for tensors on `device`; raise for unknown names."""
+    """Map "auto" to a concrete backend for tensors on `device`; raise for unknown names.
+
+    "auto": "cpu" on CPU, "triton" on CUDA when triton imports, else "torch" (on CUDA: warned once, and recorded in
+    `last_fallback`).
+    """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if device.type == "cpu":
+            return "cpu"
         if device.type != "cuda":
             return "torch"
-        return "triton" if _triton_importable() else "torch"
+        if _triton_importable():
+            return "triton"
+        _note_fallback("backend='auto' on CUDA ran the PyTorch reference ops: triton cannot be imported "
+                       "(pip install triton for the GPU kernels)")
+        return "torch"
     return backend
+
+
+def _note_fallback(reason: str) -> None:
+    global last_fallback, _fallback_warned
+    last_fallback = reason
+    # under torch.compile the warning waits for an eager call (logging inside a traced region breaks the graph)
+    if not _fallback_warned and not torch.compiler.is_compiling():
+        _fallback_warned = True
+        _log.warning(reason)
 
 
 def _triton_importable() -> bool:
@@ -44,6 +73,8 @@ def _triton_importable() -> bool:
 def _checked(backend: str, device: torch.device) -> str:
     """resolve_backend, plus a clear error when "triton" is asked for and triton cannot be imported."""
     backend = resolve_backend(backend, device)
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' runs on CPU tensors only, got tensors on {device}; use 'auto'")
     if backend == "triton" and not _triton_importable():
         raise ImportError(
             "backend='triton' needs the `triton` package (pip install triton); "

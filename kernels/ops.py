@@ -6,8 +6,9 @@ op as one opaque node with a known output shape instead of tracing into Triton l
     torch.ops.pqpatch.sparse_decode_attention(query, keys, values, idx, scaling, backend)
         -> (out [B, Hkv, G, Dv] query.dtype, lse [B, Hkv, G] float32)
 
-`backend` is already resolved ("torch" or "triton", see `kernels.resolve_backend`); "torch" runs
-`kernels.reference`. The fake (meta) implementations only build the output shapes. Inference only: no autograd
+`backend` is already resolved ("torch", "cpu" or "triton", see `kernels.resolve_backend`); "torch" runs
+`kernels.reference`, "cpu" the CPU fast paths (`kernels.cpu_select`, `kernels.cpu_attention`; `pq_assign` has no
+separate CPU path: one token per step, the reference is already cheap). The fake (meta) implementations only build the output shapes. Inference only: no autograd
 formula is registered. Importing this module does not import triton.
 """
 
@@ -16,6 +17,8 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
+from .cpu_attention import sparse_decode_attention_cpu
+from .cpu_select import pq_topk_cpu
 
 __all__ = ["pq_topk_op", "pq_assign_op", "sparse_decode_attention_op"]
 
@@ -27,8 +30,8 @@ def _triton():
 
 
 def _check_backend(backend: str) -> None:
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"resolved backend must be 'torch' or 'triton', got {backend!r}")
+    if backend not in ("torch", "cpu", "triton"):
+        raise ValueError(f"resolved backend must be 'torch', 'cpu' or 'triton', got {backend!r}")
 
 
 @torch.library.custom_op("pqpatch::pq_topk", mutates_args=())
@@ -38,6 +41,8 @@ def pq_topk_op(query: Tensor, centroids: Tensor, codes: Tensor, lo: Tensor, hi: 
     _check_backend(backend)
     if backend == "triton":
         return _triton().pq_topk_triton(query, centroids, codes, lo, hi, k, scaling)
+    if backend == "cpu":
+        return pq_topk_cpu(query, centroids, codes, lo, hi, k, scaling)
     return ref.pq_topk_ref(query, centroids, codes, lo, hi, k, scaling).contiguous()
 
 
@@ -67,6 +72,8 @@ def sparse_decode_attention_op(query: Tensor, keys: Tensor, values: Tensor, idx:
     _check_backend(backend)
     if backend == "triton":
         return _triton().sparse_decode_attention_triton(query, keys, values, idx, scaling)
+    if backend == "cpu":
+        return sparse_decode_attention_cpu(query, keys, values, idx, scaling)
     out, lse = ref.sparse_decode_attention_ref(query, keys, values, idx, scaling)
     return out.contiguous(), lse.contiguous()
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 SELECTIONS = ("pq", "oracle", "streaming", "quest")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "cpu", "triton")
 CACHE_POLICIES = ("lfu", "lru")
 SEED_MAX = 2**31 - 1  # faiss takes the k-means seed as a C int
 

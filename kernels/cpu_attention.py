@@ -1,0 +1,123 @@
+"""CPU fast path of `sparse_decode_attention` (backend "cpu"): exact softmax attention of one decode query over the
+K/V rows listed in idx, read in ascending row order through a small reusable workspace.
+
+Why it is fast on CPU (plain ATen ops):
+  * Rows are read in ascending position order (idx is sorted when it is not already; `pq_topk_cpu` already emits
+    ascending positions): neighbouring rows share DRAM pages and the prefetchers can follow.
+  * The rows of all B * Hkv heads are gathered chunk by chunk (one `index_select` per chunk over the flattened
+    [B * Hkv * N, D] cache) into a per-thread workspace that is reused across calls, so no fresh pages are
+    faulted in on every step and a chunk is still in cache when the batched matmul reads it.
+  * Two passes, keys then values, with the logits of all slots kept (they are small: [B * Hkv, G, S] floats), so
+    the softmax is computed once and exactly instead of merged chunk by chunk.
+  * bfloat16/float16 caches are gathered in their own dtype (half the bytes) and widened to float32 in the cached
+    chunk; the matmuls run in float32 as the reference does.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+__all__ = ["sparse_decode_attention_cpu"]
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_CHUNK_BYTES = 1 << 21  # float32 bytes of one gathered chunk (all heads): fits the L2 + L3 share of one core
+_local = threading.local()
+
+
+def _workspace(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread flat buffer of at least `numel` elements, reused across calls (grown when too small)."""
+    key = (name, dtype)
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[key] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_inputs(query, keys, values, idx) -> None:
+    for name, t in (("query", query), ("keys", keys), ("values", values), ("idx", idx)):
+        _check(isinstance(t, torch.Tensor), f"{name} must be a tensor, got {type(t).__name__}")
+        _check(t.device.type == "cpu", f"backend 'cpu' needs CPU tensors, {name} is on {t.device}")
+    for name, t in (("query", query), ("keys", keys), ("values", values)):
+        _check(t.dim() == 4 and t.dtype in _FLOATS, f"{name} must be a 4-d float32/bfloat16/float16 tensor, got "
+               f"{t.dtype} {tuple(t.shape)}")
+    b, h, _, d = query.shape
+    _check(tuple(keys.shape[:2]) == (b, h) and keys.shape[3] == d,
+           f"keys {tuple(keys.shape)} do not match query {tuple(query.shape)} ([B, Hkv, N, D])")
+    _check(tuple(values.shape[:3]) == tuple(keys.shape[:3]),
+           f"values {tuple(values.shape)} do not match keys {tuple(keys.shape)} ([B, Hkv, N, Dv])")
+    _check(keys.dtype == values.dtype, f"keys are {keys.dtype} but values are {values.dtype}")
+    _check(idx.dim() == 3 and tuple(idx.shape[:2]) == (b, h) and not idx.is_floating_point()
+           and idx.dtype != torch.bool, f"idx must be an integer [B, Hkv, S] tensor, got {idx.dtype} "
+           f"{tuple(idx.shape)}")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, N, D] -> a [B * Hkv * N, D] view (row r = (b * Hkv + h) * N + n); copies only a non-viewable x."""
+    b, h, n, d = x.shape
+    if x.stride(3) == 1 and x.stride(2) == d and x.stride(1) == n * d and x.stride(0) == h * n * d:
+        return x.view(b * h * n, d)
+    return x.reshape(b * h * n, d)
+
+
+def sparse_decode_attention_cpu(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor,
+                                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of one decode query over the listed tokens, the semantics of the reference.
+
+    query: [B, Hkv, G, D]; keys: [B, Hkv, N, D]; values: [B, Hkv, N, Dv] (same dtype as keys); idx: [B, Hkv, S]
+    integer, -1 = skip, each position at most once per (b, h). Returns (out [B, Hkv, G, Dv] in query.dtype,
+    lse [B, Hkv, G] float32; -inf and a zero output where a row lists no token).
+    """
+    _check_inputs(query, keys, values, idx)
+    b, h, g, d = query.shape
+    n, dv, s = keys.shape[2], values.shape[3], idx.shape[2]
+    bh = b * h
+    if s == 0 or n == 0:
+        return query.new_zeros(b, h, g, dv), torch.full((b, h, g), float("-inf"))
+    ix = idx.reshape(bh, s).to(torch.int64)
+    if s > 1 and not bool((ix[:, 1:] >= ix[:, :-1]).all()):
+        ix = ix.sort(dim=-1).values  # ascending rows; the order of slots does not change the result
+    chunk = max(16, min(s, _CHUNK_BYTES // (4 * bh * max(d, dv))))
+    nch = -(-s // chunk)
+    pad = nch * chunk - s
+    valid = ix >= 0
+    rows = ix.clamp_min(0) + torch.arange(0, bh * n, n).view(bh, 1)
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad))  # padded slots read row 0 of head 0 and are masked below
+        valid = torch.nn.functional.pad(valid, (0, pad))
+    rows = rows.view(bh, nch, chunk).transpose(0, 1).contiguous()  # [nch, BH, chunk]: each chunk one flat list
+    k_rows, v_rows = _rows(keys), _rows(values)
+    widen = keys.dtype != torch.float32
+    gat = _workspace("gather", bh * chunk * max(d, dv), keys.dtype)
+    wide = _workspace("wide", bh * chunk * max(d, dv), torch.float32) if widen else None
+    qf = query.reshape(bh, g, d).float()
+
+    def fetch(src: torch.Tensor, c: int, dim: int) -> torch.Tensor:
+        """Rows of chunk c: [BH, chunk, dim] float32 (a view of a workspace)."""
+        buf = gat[: bh * chunk * dim].view(bh * chunk, dim)
+        torch.index_select(src, 0, rows[c].view(-1), out=buf)
+        if widen:
+            buf = wide[: bh * chunk * dim].view(bh * chunk, dim).copy_(buf)
+        return buf.view(bh, chunk, dim)
+
+    logits = torch.empty(nch, bh, g, chunk)
+    for c in range(nch):
+        torch.bmm(qf, fetch(k_rows, c, d).transpose(1, 2), out=logits[c])
+    logits = logits.permute(1, 2, 0, 3).reshape(bh, g, nch * chunk).mul_(scaling)
+    logits.masked_fill_(~valid[:, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [BH, G]
+    p = (logits - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]).exp_()
+    p = p.view(bh, g, nch, chunk).permute(2, 0, 1, 3).contiguous()  # [nch, BH, G, chunk]
+    out = torch.zeros(bh, g, dv)
+    for c in range(nch):
+        out.baddbmm_(p[c], fetch(v_rows, c, dv))
+    return out.to(query.dtype).view(b, h, g, dv), lse.view(b, h, g)

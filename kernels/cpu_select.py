@@ -1,0 +1,200 @@
+"""CPU fast path of `pq_topk` (backend "cpu"): PQ group scores computed per *code* instead of per token, and a
+radix select over integer keys instead of a sort. Plain ATen ops only; nothing here synchronises with a device
+(the op only ever runs on CPU tensors), so reading `lo`/`hi` on the host is free.
+
+Why it is fast (m = 2 sub-spaces, b bits, K = 2**b centroids, n candidate tokens per sequence):
+  * Two one-byte codes of a token read as one uint16 are its joint code j = c0 + 256 * c1: no arithmetic per token.
+  * A token's softmax weight for head g factorises over the sub-spaces,
+        exp(s * (lut0[g, c0] + lut1[g, c1]) - M) = e0[g, c0] * e1[g, c1],
+    so with the histogram C[c1, c0] of joint codes (one bincount) the softmax denominators are a bilinear form
+    Z[g] = e1[g] . C . e0[g] and the group score of every *code* is one rank-G matmul, S = e1^T diag(1/Z) e0.
+    Nothing per token is exponentiated; a token's score is S[j].
+  * Top-k by radix select on the scores' float bits (non-negative floats order like their int32 bits), three
+    digits of 11/11/9 bits, each one bincount + one cumsum. In the code domain the histogram is weighted by the
+    code counts, so the select costs O(K^2) instead of O(n); whichever of the code table and the token list is
+    smaller is searched.
+  * The selected set is emitted with one `nonzero` in position order, which also gives the sparse attention
+    ascending (cache-friendly) row indices.
+m = 1 uses the same code-domain path; other m score per token (the reference's rule, not tuned). Ties: every token
+scoring strictly above the k-th selected score is selected; among equal scores the earliest positions are taken.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+__all__ = ["pq_topk_cpu", "radix_threshold"]
+
+# (shift, width) of the three digits of a non-negative int32 key, most significant first
+_DIGITS = ((20, 11), (9, 11), (0, 9))
+# below this a softmax denominator built from float64 factors is treated as underflow (then: per-token scores)
+_TINY = 1e-290
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_inputs(query, centroids, codes, lo, hi, k) -> None:
+    for name, t in (("query", query), ("centroids", centroids), ("codes", codes), ("lo", lo), ("hi", hi)):
+        _check(isinstance(t, torch.Tensor), f"{name} must be a tensor, got {type(t).__name__}")
+        _check(t.device.type == "cpu", f"backend 'cpu' needs CPU tensors, {name} is on {t.device}")
+    _check(query.dim() == 4 and query.is_floating_point(), f"query must be float [B, Hkv, G, D], got "
+           f"{query.dtype} {tuple(query.shape)}")
+    _check(centroids.dim() == 5 and centroids.is_floating_point(), f"centroids must be float [B, Hkv, m, K, Ds], "
+           f"got {centroids.dtype} {tuple(centroids.shape)}")
+    _check(codes.dim() == 4 and codes.dtype == torch.uint8, f"codes must be uint8 [B, Hkv, N, m], got "
+           f"{codes.dtype} {tuple(codes.shape)}")
+    b, h, _, d = query.shape
+    m, kc, ds = centroids.shape[2:]
+    _check(tuple(centroids.shape[:2]) == (b, h) and m * ds == d,
+           f"centroids {tuple(centroids.shape)} do not match query {tuple(query.shape)} (need m * Ds = D)")
+    _check(tuple(codes.shape[:2]) == (b, h) and codes.shape[3] == m,
+           f"codes {tuple(codes.shape)} do not match query {tuple(query.shape)} and m = {m}")
+    _check(1 <= kc <= 256, f"at most 256 centroids per sub-space (one-byte codes), got {kc}")
+    for name, t in (("lo", lo), ("hi", hi)):
+        _check(t.shape == (b,) and not t.is_floating_point(), f"{name} must be an integer [B] tensor, got "
+               f"{t.dtype} {tuple(t.shape)}")
+    _check(k >= 0, f"k must be >= 0, got {k}")
+
+
+def pq_topk_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor,
+                hi: torch.Tensor, k: int, scaling: float) -> torch.Tensor:
+    """Top-k candidate tokens by PQ group score, the rule of `reference.pq_topk_ref`.
+
+    query: [B, Hkv, G, D] float; centroids: [B, Hkv, m, K, Ds] float (m * Ds = D, K <= 256); codes: [B, Hkv, N, m]
+    uint8 (only [lo, hi) is read); lo, hi: [B] integer. Returns [B, Hkv, k] int64: the selected positions in
+    ascending order, then -1 in slots beyond the number of candidates.
+    """
+    _check_inputs(query, centroids, codes, lo, hi, k)
+    b, h, g, d = query.shape
+    m, kc, ds = centroids.shape[2:]
+    n = codes.shape[2]
+    out = torch.full((b, h, k), -1, dtype=torch.int64)
+    if k == 0 or n == 0:
+        return out
+    # lookup table [B, Hkv, m, G, K]: scaled inner products of each query sub-vector with every centroid
+    q = query.float().reshape(b * h, g, m, ds).transpose(1, 2).reshape(b * h * m, g, ds)
+    c = centroids.float().reshape(b * h * m, kc, ds)
+    lut = torch.bmm(q, c.transpose(1, 2)).mul_(scaling).view(b, h, m, g, kc)
+    for bi, (a, e) in enumerate(zip(lo.tolist(), hi.tolist())):
+        a, e = max(0, int(a)), min(n, int(e))
+        if e <= a:
+            continue  # no candidate: the row stays -1
+        kk = min(k, e - a)
+        if kk == e - a:  # every candidate fits: no scoring needed
+            out[bi, :, :kk] = torch.arange(a, e)
+            continue
+        out[bi, :, :kk] = _select(lut[bi], codes[bi, :, a:e], kk).add_(a)
+    return out
+
+
+def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int) -> torch.Tensor:
+    """lut: [Hkv, m, G, K] float32; codes: [Hkv, n, m] uint8; 0 < kk < n. Returns [Hkv, kk] int64 (0-based)."""
+    h, m = lut.shape[:2]
+    n = codes.shape[1]
+    found = _code_scores(lut, codes) if m <= 2 else None
+    if found is None:
+        keys = _token_scores(lut, codes).view(torch.int32)  # [Hkv, n]
+        thr, need = radix_threshold(keys, None, kk)
+        above, tie = keys > thr[:, None], keys == thr[:, None]
+    else:
+        table, counts, joint, width = found  # [Hkv, R, K] float32 / float64, [Hkv * n] int32, row stride of joint
+        tab_keys = table.view(torch.int32)
+        if tab_keys[0].numel() < n:  # fewer codes than tokens: search the code table, weighted by code counts
+            thr, need = radix_threshold(tab_keys.reshape(h, -1), counts.reshape(h, -1), kk)
+            # class of every code (2 above, 1 at the threshold, 0 below), padded to the joint code's row stride
+            cls = (tab_keys > thr[:, None, None]).to(torch.int8) * 2 + (tab_keys == thr[:, None, None])
+            cls = torch.nn.functional.pad(cls, (0, width - cls.shape[2])).view(-1)
+            cls = cls.index_select(0, joint).view(h, n)  # one byte per token
+            above, tie = cls == 2, cls == 1
+        else:
+            padded = torch.nn.functional.pad(tab_keys, (0, width - tab_keys.shape[2])).view(-1)
+            keys = padded.index_select(0, joint).view(h, n)
+            thr, need = radix_threshold(keys, None, kk)
+            above, tie = keys > thr[:, None], keys == thr[:, None]
+    # ties at the threshold: the first `need` of them in position order
+    tie &= tie.cumsum(-1, dtype=torch.int32) <= need[:, None]
+    pos = above.logical_or_(tie).nonzero()[:, 1]
+    if pos.numel() != h * kk:  # cannot happen unless the scores are NaN
+        raise RuntimeError(f"pq_topk_cpu selected {pos.numel()} tokens for {h} x {kk} slots (NaN scores?)")
+    return pos.view(h, kk)
+
+
+def _joint_codes(codes: torch.Tensor, stride: int) -> torch.Tensor:
+    """codes: [Hkv, n, m] uint8, m <= 2. Returns [Hkv * n] int32: c0 + 256 * c1 (+ head * stride)."""
+    h, n, m = codes.shape
+    if m == 2 and sys.byteorder == "little" and codes.stride(2) == 1:
+        j = codes.view(torch.uint16).reshape(h, n).to(torch.int32)  # the two bytes as one little-endian word
+    elif m == 2:
+        j = codes[..., 0].to(torch.int32) + codes[..., 1].to(torch.int32) * 256
+    else:
+        j = codes[..., 0].to(torch.int32)
+    j += torch.arange(0, h * stride, stride, dtype=torch.int32).view(h, 1)
+    return j.view(-1)
+
+
+def _code_scores(lut: torch.Tensor, codes: torch.Tensor):
+    """Group score of every joint code (m = 1 or 2), or None if a softmax denominator underflows.
+
+    lut: [Hkv, m, G, K] float32 (scaled); codes: [Hkv, n, m] uint8. Returns (scores [Hkv, R, K] float32,
+    counts [Hkv, R, K] float64 candidates per code, joint [Hkv * n] int32, width): R = K rows (c1) for m = 2, 1 for
+    m = 1; a token's code sits at row-major position c1 * width + c0 of head h's block of R * width.
+    """
+    h, m, g, kc = lut.shape
+    width = 256 if m == 2 else kc
+    rows = kc if m == 2 else 1
+    joint = _joint_codes(codes, rows * width)
+    counts = torch.bincount(joint, minlength=h * rows * width).view(h, rows, width)[:, :, :kc].double()
+    # per-sub-space softmax factors, each <= 1 (max over all K centroids subtracted), float64 for range
+    e = (lut - lut.amax(dim=-1, keepdim=True)).double().exp_()  # [H, m, G, K]
+    e0 = e[:, 0]  # [H, G, K]: factor of c0
+    e1 = e[:, 1].transpose(1, 2) if m == 2 else e.new_ones(h, 1, g)  # [H, R, G]: factor of c1
+    z = (torch.bmm(counts, e0.transpose(1, 2)) * e1).sum(dim=1)  # [H, G]: sum_n p_g(n) before normalising
+    if not bool((z > _TINY).all()):
+        return None
+    scores = torch.bmm(e1 / z[:, None, :], e0).float()  # [H, R, K]: sum_g e1 e0 / Z_g
+    return scores, counts, joint, width
+
+
+def _token_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Per-token group scores (any m): lut [Hkv, m, G, K] float32, codes [Hkv, n, m] uint8 -> [Hkv, n] float32."""
+    h, m, g, kc = lut.shape
+    n = codes.shape[1]
+    logits = lut.new_zeros(h, g, n)
+    for j in range(m):
+        idx = codes[:, :, j].to(torch.int64)[:, None, :].expand(h, g, n)
+        logits += torch.gather(lut[:, j], 2, idx)
+    return torch.softmax(logits, dim=-1).sum(dim=1).contiguous()
+
+
+def radix_threshold(keys: torch.Tensor, weights: torch.Tensor | None, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-th largest key per row, by weight.
+
+    keys: [R, L] int32, non-negative; weights: [R, L] float64 (None = 1 each); kk: the rank, with
+    0 < kk <= total weight of every row. Returns (thr [R] int32, need [R] int32): the key of the kk-th largest
+    element, and how many elements of weight with key == thr complete the kk (total weight above thr + need = kk).
+    """
+    r = keys.shape[0]
+    need = torch.full((r,), kk, dtype=torch.float64 if weights is not None else torch.int64)
+    prefix = torch.zeros(r, dtype=torch.int32)
+    w = None if weights is None else weights.reshape(-1)
+    high = None  # keys >> (shift + width) of the current level: the digits chosen so far
+    for level, (shift, width) in enumerate(_DIGITS):
+        nb = 1 << width
+        shifted = keys >> shift if shift else keys
+        digit = shifted & (nb - 1) if level else shifted.clone()  # level 0: keys < 2**31, no mask needed
+        if level:  # only keys that share the digits chosen so far; the rest go to an overflow bin
+            digit.masked_fill_(high != prefix[:, None], nb)
+        high = shifted
+        digit += torch.arange(0, r * (nb + 1), nb + 1, dtype=torch.int32).view(r, 1)
+        hist = torch.bincount(digit.view(-1), weights=w, minlength=r * (nb + 1)).view(r, nb + 1)[:, :nb]
+        at_least = hist.flip(-1).cumsum(-1).flip(-1)  # [R, nb]: weight with digit >= d
+        d = (at_least >= need[:, None]).sum(-1) - 1  # the largest digit that still reaches `need`
+        above = torch.where(d + 1 < nb, at_least.gather(1, (d + 1).clamp_max(nb - 1)[:, None])[:, 0], 0)
+        need = need - above
+        prefix = (prefix << width) | d.to(torch.int32)
+    return prefix, need.round().to(torch.int32)

@@ -47,7 +47,7 @@ def test_import_kernels_does_not_import_triton():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "auto"])
 def test_no_graph_break_reference_backend(backend):
     x = _inputs("cpu")
     explanation = torch._dynamo.explain(_decode_step)(**x, backend=backend)
@@ -66,13 +66,14 @@ def test_resolve_backend_traces_as_constant():
     torch._dynamo.reset()
 
 
-def test_opcheck_reference_backend():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_opcheck_reference_and_cpu_backends(backend):
     x = _inputs("cpu")
     ops = torch.ops.pqpatch
-    torch.library.opcheck(ops.pq_topk.default, (x["q"], x["c"], x["codes"], x["lo"], x["hi"], 24, 0.125, "torch"))
-    idx = kernels.pq_topk(x["q"], x["c"], x["codes"], x["lo"], x["hi"], 24, 0.125, backend="torch")
-    torch.library.opcheck(ops.sparse_decode_attention.default, (x["q"], x["keys"], x["values"], idx, 0.125, "torch"))
-    torch.library.opcheck(ops.pq_assign.default, (x["keys"][:, :, :5], x["c"], "torch"))
+    torch.library.opcheck(ops.pq_topk.default, (x["q"], x["c"], x["codes"], x["lo"], x["hi"], 24, 0.125, backend))
+    idx = kernels.pq_topk(x["q"], x["c"], x["codes"], x["lo"], x["hi"], 24, 0.125, backend=backend)
+    torch.library.opcheck(ops.sparse_decode_attention.default, (x["q"], x["keys"], x["values"], idx, 0.125, backend))
+    torch.library.opcheck(ops.pq_assign.default, (x["keys"][:, :, :5], x["c"], backend))
 
 
 def test_unknown_backend_is_rejected():

@@ -1,0 +1,27 @@
+"""pytest configuration of the benchmark suite: a one-line-per-case table at the end of the session (the helpers
+live in bench_util.py; this file only hooks pytest)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench_util import ROWS, settings
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001 - pytest hook signature
+    if not ROWS:
+        return
+    tr = terminalreporter
+    tr.section("pqpatch decode-step benchmark (min of interleaved rounds; ratios vs dense SDPA of the same rounds)")
+    tr.write_line(f"{'N':>7} {'bits':>4} {'dtype':<8} {'dense ms':>9} {'topk ms':>8} {'attn ms':>8} {'step ms':>8} "
+                  f"{'step/dense':>10} {'topk/dense':>10} {'floor ms':>8} {'floor/dense':>11}  verdict")
+    for r in ROWS:
+        tr.write_line(f"{r['n']:>7} {r['bits']:>4} {r['dtype']:<8} {r['dense_ms']:9.2f} {r['topk_ms']:8.2f} "
+                      f"{r['attn_ms']:8.2f} {r['step_ms']:8.2f} {r['step_vs_dense']:10.3f} "
+                      f"{r['select_vs_dense']:10.3f} {r['floor_ms']:8.2f} {r['floor_vs_dense']:11.3f}  "
+                      f"{r.get('verdict', '')}")
+
+
+@pytest.fixture(scope="session")
+def bench_settings() -> dict:
+    return settings()

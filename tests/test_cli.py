@@ -126,6 +126,98 @@ def test_cli_eval_end_to_end(tiny_dir, tmp_path, capsys):
     assert "| pq @0.2 |" in capsys.readouterr().out
 
 
+# ---- usage errors: one line on stderr, exit status 2, before any heavy work -------------------------------------
+def _no_model_load(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded although an argument was bad")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(models, "load_default_model", refuse)
+
+
+def _exit_status(argv) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_eval_out_is_checked_before_the_model_loads(where, tmp_path, monkeypatch, capsys):
+    """A typo in --out used to surface after the whole evaluation (25 minutes)."""
+    _no_model_load(monkeypatch)
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder")
+    out = blocker if where == "file" else blocker / "res"
+    assert _exit_status(["eval", "passkey", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("pqpatch eval: error: --out")
+
+
+def test_eval_out_folder_exists_before_the_model_loads(tmp_path, monkeypatch):
+    out = tmp_path / "new" / "res"
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def load(*a, **k):
+        seen.append(out.is_dir())
+        raise Loaded
+
+    monkeypatch.setattr(models, "load_default_model", load)
+    with pytest.raises(Loaded):
+        cli.main(["eval", "passkey", "--out", str(out)])
+    assert seen == [True]
+
+
+BAD_ARGS = [  # (argv, words the error line must contain); TINY stands for the tiny model's folder
+    (["eval", "passkey", "--model", "{tmp}/no-such-model"], "no such file"),
+    (["eval", "passkey", "--model", "{tmp}/model.gguf"], "no such file"),
+    (["eval", "passkey", "--model", "{tmp}"], "not a transformers checkpoint"),  # a folder, but not a model
+    (["eval", "passkey", "--model", "{tmp}/notes.txt"], "not a model"),
+    (["eval", "passkey", "--model", "TINY", "--num-subspaces", "3"], "does not divide the model's head dim 16"),
+    (["eval", "passkey", "--decode-threads", "-1"], "--decode-threads"),
+    (["eval", "kl", "--teacher-tokens", "0"], "--teacher-tokens"),
+    (["eval", "kl", "--model", "TINY", "--lengths", "300,2k", "--teacher-tokens", "299"], "teacher_tokens=299"),
+    (["eval", "passkey", "--model", "TINY", "--lengths", "20"], "too short"),
+    (["eval", "niah", "--model", "TINY", "--lengths", "300"], "too short"),
+    (["eval", "passkey", "--budgets", "inf"], "--budgets"),
+    (["eval", "passkey", "--budgets", "0.1,nan"], "--budgets"),
+    (["eval", "passkey", "--budgets", "0"], "--budgets"),
+    (["eval", "passkey", "--budgets", "-3"], "--budgets"),
+    (["eval", "passkey", "--budgets", "1.5"], "--budgets"),
+    (["demo", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["demo", "--decode-threads", "-1"], "--decode-threads"),
+    (["demo", "--budget", "inf"], "--budget"),
+    (["demo", "--model", "{tmp}/no-such-model"], "no such file"),
+    (["demo", "--model", "TINY", "--num-subspaces", "3"], "does not divide the model's head dim 16"),
+    (["demo", "--model", "TINY", "--length", "20"], "too short"),
+]
+
+
+@pytest.mark.parametrize("argv,words", BAD_ARGS, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_bad_argument_is_one_line_and_exit_2(argv, words, tiny_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.txt").write_text("not a model")
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("TINY", str(tiny_dir)) for a in argv]
+    if argv[0] == "eval":
+        argv += ["--out", str(tmp_path / "res"), "--quiet"]
+    if "TINY" not in " ".join(argv) and str(tiny_dir) not in argv:
+        _no_model_load(monkeypatch)  # nothing to load before the error
+    assert _exit_status(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith(f"pqpatch {argv[0]}: error:") and words in last, err
+
+
+def test_usage_errors_leave_no_results(tiny_dir, tmp_path, capsys):
+    """A rejected run writes nothing but the (empty) output folder."""
+    out = tmp_path / "res"
+    assert _exit_status(["eval", "passkey", "--model", str(tiny_dir), "--num-subspaces", "3", "--out", str(out)]) == 2
+    assert out.is_dir() and not any(out.iterdir())
+
+
 @pytest.mark.slow
 def test_default_model_loads_and_answers_a_passkey():
     """Loads the real Gemma-3-270M (converted once into the cache dir) and runs a short passkey eval."""

@@ -15,7 +15,7 @@ import torch
 
 from ..patch import head_dim_of
 
-__all__ = ["run_demo", "kv_memory"]
+__all__ = ["DemoPlan", "prepare_demo", "run_demo", "kv_memory"]
 
 
 def _say(msg: str) -> None:
@@ -101,24 +101,72 @@ def kv_memory(model, cache) -> dict[str, int]:
     return out
 
 
+@dataclass
+class DemoPlan:
+    """Everything the demo decodes, checked before any decoding: the loaded model, its prompt and config."""
+
+    model: object
+    tokenizer: object
+    sample: object  # tasks.Sample
+    config: object  # PQCacheConfig
+    fields: dict  # the PQCacheConfig fields besides token_budget, as printed
+    budget: float | int
+    depth: float
+
+
+def _default_subspaces(head_dim: int) -> int:
+    """The largest divisor of head_dim up to head_dim // 16 (16-dimensional sub-vectors where it divides)."""
+    cap = max(1, head_dim // 16)
+    return max(x for x in range(1, cap + 1) if head_dim % x == 0)
+
+
+def prepare_demo(
+    model, tokenizer, length: int = 8192, budget: float | int = 0.2, depth: float = 0.5, seed: int = 0,
+    **config_fields,
+) -> DemoPlan:
+    """Build the prompt and the PQCacheConfig for `model`. Raises ValueError (a prompt too short for the
+    pass key, a bad config field, num_subspaces not dividing the head dim) before anything is decoded."""
+    import pqpatch
+
+    from .tasks import HFCodec, passkey_sample
+
+    sample = passkey_sample(HFCodec(tokenizer), length, depth, seed=seed)
+    hd = head_dim_of(model.config)
+    config_fields.setdefault("num_subspaces", _default_subspaces(hd))
+    config_fields.setdefault("bits", 8)
+    cfg = pqpatch.PQCacheConfig(token_budget=budget, **config_fields)
+    if hd % cfg.num_subspaces:
+        raise ValueError(f"num_subspaces={cfg.num_subspaces} does not divide the model's head dim {hd}")
+    return DemoPlan(model, tokenizer, sample, cfg, config_fields, budget, depth)
+
+
 def run_demo(
     model_name: str | None = None, length: int = 8192, budget: float | int = 0.2, max_new_tokens: int = 8,
-    depth: float = 0.5, seed: int = 0, decode_threads: int | None = 1, **config_fields,
+    depth: float = 0.5, seed: int = 0, decode_threads: int | None = 1, plan: DemoPlan | None = None,
+    **config_fields,
 ) -> dict:
     """Run the demo and print its report to stdout (progress to stderr). Returns the numbers it printed.
 
     config_fields: further `PQCacheConfig` fields (num_subspaces, bits, ...). Unless given, the demo uses
-    16-dimensional sub-vectors (num_subspaces = head_dim // 16) and bits=8: on Gemma-3's head dim 256 the
-    library default (m=2, b=6: 128-dimensional sub-vectors) misreads digits of the pass key (docs/results.md)."""
+    16-dimensional sub-vectors (num_subspaces = head_dim // 16, or the largest divisor of the head dim below
+    it) and bits=8: on Gemma-3's head dim 256 the
+    library default (m=2, b=6: 128-dimensional sub-vectors) misreads digits of the pass key (docs/results.md).
+    plan: a `prepare_demo` result (the model is loaded already; the other prompt and config arguments are
+    ignored)."""
     import pqpatch
 
     from ..models import load_default_model, load_model
-    from .tasks import HFCodec, passkey_sample, score_answer
+    from .tasks import score_answer
 
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     t_all = time.perf_counter()
-    _say("[1/4] loading the model ...")
-    model, tok = load_default_model() if model_name is None else load_model(model_name)
-    sample = passkey_sample(HFCodec(tok), length, depth, seed=seed)
+    if plan is None:
+        _say("[1/4] loading the model ...")
+        model, tok = load_default_model() if model_name is None else load_model(model_name)
+        plan = prepare_demo(model, tok, length, budget, depth, seed, **config_fields)
+    model, tok, sample, cfg = plan.model, plan.tokenizer, plan.sample, plan.config
+    budget, depth, config_fields = plan.budget, plan.depth, plan.fields
     ids = torch.tensor([sample.ids], device=model.device)
     key = sample.answers[0]
     _say(f"      prompt: {ids.shape[1]} tokens of prose, pass key {key} at depth {depth:.0%}")
@@ -128,9 +176,6 @@ def run_demo(
     dense = _generate(model, ids, max_new_tokens, tok, decode_threads)
     _say(f"      done in {time.perf_counter() - t:.1f} s (prefill {dense.prefill_s:.1f} s)")
 
-    config_fields.setdefault("num_subspaces", max(1, head_dim_of(model.config) // 16))
-    config_fields.setdefault("bits", 8)
-    cfg = pqpatch.PQCacheConfig(token_budget=budget, **config_fields)
     extra = "".join(f", {k}={v}" for k, v in config_fields.items())
     _say(f"[3/4] patched decoding (pqpatch.patch_model, token_budget={budget}{extra}) ...")
     pqpatch.patch_model(model, cfg)

@@ -21,7 +21,7 @@ from .engine import RecallProbe, blockwise_prefill, greedy_decode, method_config
 from .metrics import kl_divergence, top1_agreement
 from .tasks import NIAH_VARIANTS, Codec, niah_sample, passkey_sample, score_answer
 
-__all__ = ["TASKS", "METHODS", "EvalSettings", "format_length", "machine_info", "run_eval"]
+__all__ = ["TASKS", "METHODS", "EvalSettings", "format_length", "machine_info", "preflight", "run_eval"]
 
 TASKS = ("passkey", "niah", "kl", "recall")
 METHODS = ("dense", "pq", "oracle", "streaming", "quest")
@@ -54,6 +54,19 @@ class EvalSettings:
             raise ValueError(f"variants must be among {NIAH_VARIANTS}, got {self.variants}")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
             raise ValueError(f"depths must lie in [0, 1], got {self.depths}")
+        if not self.lengths or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.lengths):
+            raise ValueError(f"lengths must be positive token counts, got {self.lengths}")
+        if self.decode_threads is not None and (not isinstance(self.decode_threads, int) or self.decode_threads < 1):
+            raise ValueError(f"decode_threads must be None or an int >= 1, got {self.decode_threads!r}")
+        t = self.teacher_tokens
+        if not isinstance(t, int) or isinstance(t, bool) or t < 1:
+            raise ValueError(f"teacher_tokens must be an int >= 1, got {t!r}")
+        if self.tasks[0] in ("kl", "recall") and t > min(self.lengths) - 2:
+            # the document's last t tokens are fed one by one; at least 2 must remain as the prompt
+            raise ValueError(
+                f"teacher_tokens={t} leaves no prompt in the shortest document ({min(self.lengths)} tokens): use "
+                f"at most {max(min(self.lengths) - 2, 0)} or longer --lengths"
+            )
         for m in self.methods:  # fail fast on a budget or field PQCacheConfig rejects
             for b in self.budgets:
                 method_config(m, b, self.base)
@@ -86,6 +99,31 @@ def machine_info() -> dict:
     }
 
 
+def preflight(model: torch.nn.Module, codec: Codec, settings: EvalSettings) -> None:
+    """Checks that need the model or tokenizer, done before any heavy work; raises ValueError.
+
+    The PQ codebook must fit the model's head dim, and the shortest prompt of every retrieval variant must
+    have room for its instruction, needles and question (samples are built at the shortest length only).
+    """
+    from ..config import PQCacheConfig
+    from ..patch import head_dim_of
+
+    m = settings.base.get("num_subspaces", PQCacheConfig.num_subspaces)
+    hd = head_dim_of(model.config)
+    if hd % m:
+        divisors = [x for x in range(1, hd + 1) if hd % x == 0]
+        raise ValueError(
+            f"num_subspaces={m} does not divide the model's head dim {hd}; choose one of {divisors} "
+            f"(head_dim // 16 with bits=8 is a good start)"
+        )
+    shortest = min(settings.lengths)
+    if settings.tasks[0] == "passkey":
+        passkey_sample(codec, shortest, settings.depths[0], seed=settings.seed)
+    elif settings.tasks[0] == "niah":
+        for v in settings.variants:
+            niah_sample(codec, shortest, settings.depths[0], v, seed=settings.seed)
+
+
 def _units(s: EvalSettings) -> list[tuple]:
     if s.tasks[0] == "passkey":
         return [(L, d, "passkey") for L in s.lengths for d in s.depths]
@@ -94,13 +132,19 @@ def _units(s: EvalSettings) -> list[tuple]:
     return [(L, None, "document") for L in s.lengths]
 
 
-def run_eval(model: torch.nn.Module, codec: Codec, settings: EvalSettings, progress: bool = True) -> dict:
+def run_eval(
+    model: torch.nn.Module, codec: Codec, settings: EvalSettings, progress: bool = True, check: bool = True
+) -> dict:
     """Run the grid on `model` (patched here if it is not already; unpatched afterwards in that case).
 
+    check: run `preflight` first (the CLI runs it itself, to turn its errors into usage errors).
     Returns {"settings", "machine", "records", "wall_s"}: one record per (unit, method, budget).
     """
     import pqpatch
     from tqdm.auto import tqdm
+
+    if check:
+        preflight(model, codec, settings)
 
     own_patch = getattr(model, "_pqpatch", None) is None
     if own_patch:

@@ -1,15 +1,21 @@
 """The PQ cache: a transformers `StaticCache` whose global-attention layers also keep PQ codes.
 
-Buffers are preallocated to the context the cache is built for (prompt + max_new_tokens), so the sparse decode
-step reads tensors of the same shapes every step (`update` hands exact attention only the filled prefix).
-Per PQ layer and sequence b, positions split as
+Everything a decode step reads or writes is a tensor allocated before the first decode step and updated in place
+(addresses never change), so `torch.compile(fullgraph=True)` captures the step whole and CUDA graphs can replay
+it. Per PQ layer and sequence b, positions split as (n = `cumulative_length`, a 0-d device tensor)
 
     [0, start_b)            left padding: never attended
     [start_b, start_b+sink) sink tokens: always attended
     [lo_b, hi)              candidates: have PQ codes, top-k of them are attended     lo_b = start_b + sink
-    [hi, length)            local window (the newest `local` tokens, the current one included)  hi = length - local
+    [hi, n)                 local window (the newest `local` tokens, the current one included)  hi = n - local
 
-A token that leaves the local window gets its code from the nearest centroid (`_ensure_codes`).
+Shapes are fixed by the cache's (bucketed) length: `sink_slots`, `topk_slots`, `local_slots` index slots per step;
+the budget of the real context (prompt + max_new_tokens) decides how many of them are used (`sink_n`, `topk_n`,
+`local_n`: 0-d device tensors), the rest are empty (-1). So calls whose cache sizes fall in one bucket share one
+compiled graph and the budget keeps its meaning.
+
+A decode step codes the one token that leaves the window (position hi - 1) from a device index. Work that must
+wait (the k-means of the prefill) happens eagerly in `sync()`, before the first decode step.
 """
 
 from __future__ import annotations
@@ -21,36 +27,62 @@ import torch
 from transformers.cache_utils import StaticCache, StaticLayer
 
 from . import kernels
-
 from .clustering import ClusterPool
 from .config import PQCacheConfig
 from .selection import QuestPages, select
 
-__all__ = ["PQLayer", "PQCache"]
+__all__ = ["PQLayer", "PQCache", "bucket_length"]
+
+
+def bucket_length(n: int) -> int:
+    """Cache length used for a context of n tokens: n rounded up to a multiple of 2**max(6, floor(log2 n) - 3).
+
+    Eight buckets per octave (at most 12.5% spare slots, at least 64-token steps): calls whose contexts fall in one
+    bucket allocate equal shapes, so a compiled decode step is reused instead of recompiled.
+    """
+    step = 1 << max(6, n.bit_length() - 1 - 3)
+    return -(-n // step) * step
 
 
 class PQLayer(StaticLayer):
-    """One global-attention layer: static K/V buffers plus PQ state. Shapes in the module docstring."""
+    """One global-attention layer: static K/V buffers plus PQ state. Shapes in the module docstring.
 
-    is_compileable = False  # python-side bookkeeping (futures, counters): keep generate() from auto-compiling
+    `context_len` is the real context the budget is a fraction of (prompt + max_new_tokens); `max_cache_len` may be
+    larger (a bucket). `observers` are called eagerly with (layer, query [B, Hkv, G, D], idx [B, Hkv, S], scaling)
+    after each sparse step's selection (evaluation only: an observer makes the step eager).
+    """
 
-    def __init__(self, max_cache_len: int, layer_idx: int, config: PQCacheConfig, pool: ClusterPool) -> None:
+    def __init__(self, max_cache_len: int, layer_idx: int, config: PQCacheConfig, pool: ClusterPool,
+                 context_len: int | None = None) -> None:
         super().__init__(max_cache_len=max_cache_len)
         self.layer_idx = layer_idx
         self.pool = pool
+        self.context_len = context_len or max_cache_len
+        self.observers: tuple = ()
         self._configure(config)
-        self.length = 0  # tokens written (python int: shapes depend on it, values do not)
         self.start: torch.Tensor | None = None  # [B] first non-padding position
-        self.steps = 0  # sparse decode steps run
-        self.record = False  # keep the last decode step's token index in `last_index` (evaluation)
-        self.last_index: torch.Tensor | None = None
+        self.prefill_len = 0  # tokens of the first forward (python int, set eagerly)
         self._clear()
 
+    # ---- configuration (eager) -------------------------------------------------------------------------------
     def _configure(self, config: PQCacheConfig) -> None:
         self.cfg = config
-        self.sink, self.local, self.topk = config.budget_split(self.max_cache_len)
+        self.sink, self.local, self.topk = self._split(config, self.context_len)  # what the budget selects
+        self.sink_slots, self.local_slots, self.topk_slots = self._split(config, self.max_cache_len)  # shapes
+        self.sink_slots, self.local_slots = max(self.sink_slots, self.sink), max(self.local_slots, self.local)
+        # TODO(k_valid): top-k slots stay the real split until the selection ops take a runtime k
+        self.topk_slots = self.topk
+
+    @staticmethod
+    def _split(config: PQCacheConfig, n: int) -> tuple[int, int, int]:
+        sink, local, topk = config.budget_split(n)
         if config.selection == "streaming":  # equal budget: what top-k would get goes to the window
-            self.local, self.topk = self.local + self.topk, 0
+            local, topk = local + topk, 0
+        return sink, local, topk
+
+    @property
+    def is_compileable(self) -> bool:  # quest keeps python-side page bounds: eager only
+        return self.cfg.selection != "quest"
 
     def _clear(self) -> None:
         """Drop the PQ state (not the K/V buffers)."""
@@ -58,59 +90,135 @@ class PQLayer(StaticLayer):
         self.future: Future | None = None
         self.centroids: torch.Tensor | None = None  # [B, Hkv, m, K, Ds] float32
         self.codes: torch.Tensor | None = None  # [B, Hkv, max_len, m] uint8
-        self.coded_upto = 0  # positions [lo, coded_upto) have codes
         self.pages: QuestPages | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        dev = self.device
+        b = key_states.shape[0]
+        self.start = torch.zeros(b, dtype=torch.long, device=dev)
+        # the split of the real context, as device scalars: read by the decode step, never guarded on
+        self.split_n = torch.tensor([self.sink, self.local, self.topk], dtype=torch.long, device=dev)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.start)
+            torch._dynamo.mark_static_address(self.split_n)
 
     def reset(self) -> None:
         super().reset()
-        self.length, self.start = 0, None
+        if self.start is not None:
+            self.start.zero_()
+        self.prefill_len = 0
+        self.cancel()
         self._clear()
+
+    def cancel(self) -> None:
+        """Drop a pending k-means job (a generate() that ends before its first decode step)."""
+        if self.future is not None:
+            cancel = getattr(self.pool, "cancel", None)
+            if cancel is not None:
+                cancel([self.future])
+            else:
+                self.future.cancel()
+            self.future = None
+
+    @property
+    def length(self) -> int:
+        """Tokens written (host read: for eager code and tests, never inside a decode step)."""
+        return int(self.cumulative_length) if self.is_initialized else 0
 
     def fork(self, config: PQCacheConfig | None) -> "PQLayer":
         """A copy with its own K/V buffers whose decode follows `config` (None: dense). The PQ state is
         rebuilt from the copied keys, as if the prefill had run under `config`."""
-        pool, fut = self.pool, self.future
-        self.pool = self.future = None  # neither can be deep-copied
+        self.sync()
+        pool, obs = self.pool, self.observers
+        self.pool, self.observers = None, ()  # a thread pool cannot be deep-copied
         try:
             new = copy.deepcopy(self)
         finally:
-            self.pool, self.future = pool, fut
+            self.pool, self.observers = pool, obs
         new.pool = pool
         new._configure(config or self.cfg)
         new._clear()
-        if config is not None and self.start is not None:
+        if self.is_initialized:
+            new.split_n.copy_(torch.tensor([new.sink, new.local, new.topk]))
+        if config is not None and self.start is not None and self.prefill_len:
             new.active = new.length >= config.min_context
             new._start_pq()
         return new
 
+    def resize(self, max_cache_len: int, context_len: int) -> None:
+        """Eagerly give a prefilled layer room for max_cache_len tokens and re-split its budget for context_len
+        (continuing a conversation from a returned cache). Buffers are reallocated only when they grow."""
+        self.sync()
+        if self.is_initialized and max_cache_len > self.max_cache_len:
+            n = self.length
+            for name in ("keys", "values", "codes"):
+                old = getattr(self, name)
+                if old is None:
+                    continue
+                new = old.new_zeros((*old.shape[:2], max_cache_len, *old.shape[3:]))
+                new[:, :, :n] = old[:, :, :n]
+                torch._dynamo.mark_static_address(new)
+                setattr(self, name, new)
+            if self.pages is not None:
+                raise ValueError("a 'quest' cache cannot grow; generate on the whole conversation without a cache")
+        self.max_cache_len = max(max_cache_len, self.max_cache_len)
+        self.context_len = context_len
+        self._configure(self.cfg)
+        if self.is_initialized:
+            self.split_n.copy_(torch.tensor([self.sink, self.local, self.topk]))
+
+    # ---- writes -----------------------------------------------------------------------------------------------
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # `update` returns only the filled prefix: a causal prefill without padding then needs no mask at all
-        # (SDPA's is_causal path), instead of a [q, max_len] boolean mask (17 GB for a 128K prompt)
+        if query_length == 1:
+            return self.max_cache_len, 0  # decode: static shape (the sparse path ignores the mask)
+        # a multi-token step sees only the filled prefix: an unpadded causal prefill then needs no mask at all
+        # (SDPA's is_causal path) instead of a [q, max_len] boolean mask (17 GB for a 128K prompt)
         return self.length + query_length, 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append [B, Hkv, T, D] new keys/values into the static buffers; returns views of the filled prefix
-        [B, Hkv, length, D] (what exact attention needs; the sparse decode reads the buffers themselves)."""
-        if self.length + key_states.shape[-2] > self.max_cache_len:
+        """Write [B, Hkv, T, D] new keys/values at the current length.
+
+        Returns the whole static buffers [B, Hkv, max_len, D] for a decode step (T == 1: fixed shapes) and the
+        filled prefix [B, Hkv, length, D] for a multi-token step (prefill, chunked prefill, assisted decoding),
+        whose attention is exact and eager.
+        """
+        t = key_states.shape[-2]
+        if t == 1:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            return super().update(key_states, value_states, *args, **kwargs)
+        n0 = self.length
+        if n0 + t > self.max_cache_len:
             raise ValueError(
-                f"the PQ cache was built for {self.max_cache_len} tokens and is full; build it with a larger "
-                f"max_cache_len (generate() does this from max_new_tokens)"
+                f"the PQ cache holds {self.max_cache_len} tokens and already has {n0}; {t} more do not fit. "
+                f"Let generate() build the cache (it sizes it from max_new_tokens), or pass a cache built with "
+                f"PQCache(model, max_cache_len=...) large enough for the whole conversation"
             )
         super().update(key_states, value_states, *args, **kwargs)
-        self.length += key_states.shape[-2]
-        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        if self.active and n0 > 0:
+            self._code_range(n0 - self.local, n0 + t - self.local)  # tokens this step pushed out of the window
+        return self.keys[:, :, : n0 + t], self.values[:, :, : n0 + t]
 
-    # ---- prefill -------------------------------------------------------------------------------------------
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the newest tokens (negative count, transformers' convention for static layers). Codes of
+        positions that re-enter the window are rewritten when they leave it again."""
+        super().crop(tokens_to_remove)
+
+    # ---- prefill (eager) --------------------------------------------------------------------------------------
+    @torch.compiler.disable
     def after_prefill(self, attention_mask: torch.Tensor | None, batch: int) -> None:
         """Called once the layer's exact attention over a multi-token input is done.
 
         attention_mask: the 4D mask given to the attention function ([B, 1, q, length], bool or additive),
         or None (no padding). On the first prefill, records padding and hands the keys to the clustering pool.
         """
-        if self.start is not None:
-            return  # a later multi-token step (chunked prefill): its tokens get codes as they leave the window
-        self.start = _first_valid(attention_mask, self.length, batch, self.device)
-        self.active = self.length >= self.cfg.min_context
+        if self.prefill_len:
+            return  # a later multi-token step: its tokens got codes in `update`
+        n = self.length
+        self.prefill_len = n
+        self.start.copy_(_first_valid(attention_mask, n, batch, self.device))
+        self.active = n >= self.cfg.min_context
         self._start_pq()
 
     def _start_pq(self) -> None:
@@ -118,10 +226,16 @@ class PQLayer(StaticLayer):
         if not self.active:
             return
         hi = self.length - self.local
-        self.coded_upto = max(hi, 0)
         if self.cfg.selection == "pq":
             lo = (self.start + self.sink).tolist()
             c = self.cfg
+            b, h = self.keys.shape[:2]
+            m, ds = c.num_subspaces, self.keys.shape[-1] // c.num_subspaces
+            # allocated now, filled in place by `sync`: the decode step sees fixed addresses
+            self.centroids = torch.zeros(b, h, m, c.num_centroids, ds, device=self.device)
+            self.codes = torch.zeros(b, h, self.max_cache_len, m, dtype=torch.uint8, device=self.device)
+            torch._dynamo.mark_static_address(self.centroids)
+            torch._dynamo.mark_static_address(self.codes)
             self.future = self.pool.submit(
                 self.keys, lo, hi, c.num_subspaces, c.bits, c.kmeans_iters, c.seed, ready=self._host_ready()
             )
@@ -132,50 +246,67 @@ class PQLayer(StaticLayer):
         """Event after which `self.keys` may be read on the host (offloaded layers); None here."""
         return None
 
-    def _ensure_codes(self, hi: int) -> None:
-        """Wait for this layer's codebook (first decode step only) and code tokens that left the window."""
-        if self.future is not None:
-            book = self.future.result()
-            self.future = None
-            dev = self.device
-            b, h = self.keys.shape[:2]
-            self.centroids = book.centroids.to(dev)
-            self.codes = torch.zeros(b, h, self.max_cache_len, self.cfg.num_subspaces, dtype=torch.uint8, device=dev)
-            for i, q in enumerate(book.codes):
-                lo = int(self.start[i]) + self.sink
-                self.codes[i, :, lo : lo + q.shape[1]] = q.to(dev)
-        if hi > self.coded_upto:
-            new = self._key_range(self.coded_upto, hi)
-            self.codes[:, :, self.coded_upto : hi] = kernels.pq_assign(new, self.centroids, backend=self.cfg.backend)
-            self.coded_upto = hi
+    @torch.compiler.disable
+    def sync(self) -> None:
+        """Wait for this layer's codebook and copy it into the preallocated buffers (eager, once)."""
+        if self.future is None:
+            return
+        book = self.future.result()
+        self.future = None
+        self.centroids.copy_(book.centroids)
+        starts = self.start.tolist()
+        for i, q in enumerate(book.codes):
+            lo = starts[i] + self.sink
+            self.codes[i, :, lo : lo + q.shape[1]] = q.to(self.device)
+
+    def _code_range(self, a: int, b: int) -> None:
+        """Eagerly code positions [a, b) (a multi-token step pushed them out of the window)."""
+        a = max(a, 0)
+        if self.cfg.selection != "pq" or b <= a:
+            return
+        self.sync()
+        self.codes[:, :, a:b] = kernels.pq_assign(self._key_range(a, b), self.centroids, backend=self.cfg.backend)
 
     def _key_range(self, a: int, b: int) -> torch.Tensor:
         """Keys of positions [a, b) on the compute device: [B, Hkv, b - a, D]."""
         return self.keys[:, :, a:b]
 
-    # ---- decode ---------------------------------------------------------------------------------------------
-    def token_index(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Positions attended by a decode query: idx [B, Hkv, sink + k + local] int64, -1 = empty slot.
+    def _keys_at(self, pos: torch.Tensor) -> torch.Tensor:
+        """Keys of positions pos [T] (device tensor): [B, Hkv, T, D]."""
+        return self.keys.index_select(2, pos)
 
-        query: [B, Hkv, G, D]. Sink, top-k and window ranges are disjoint, so no position appears twice.
+    # ---- decode (static: compiled whole) ---------------------------------------------------------------------
+    def token_index(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Positions attended by a decode query: idx [B, Hkv, sink_slots + topk_slots + local_slots] int64,
+        -1 = empty slot. query: [B, Hkv, G, D]. Sink, top-k and window ranges are disjoint.
+
+        Also codes the token that just left the window (position hi - 1).
         """
-        n = self.length
-        hi = n - self.local
+        if self.future is not None:
+            self.sync()  # eager callers (manual loops); generate() syncs before the first step
         dev = query.device
+        n = self.cumulative_length  # 0-d: tokens so far, the current one included
+        sink_n, local_n, topk_n = self.split_n[0], self.split_n[1], self.split_n[2]
+        hi = n - local_n  # 0-d
         lo = self.start + self.sink  # [B]
-        hi_t = torch.full_like(lo, max(hi, 0))
+        hi_b = hi.expand_as(lo).contiguous()  # kernels index it per row
         if self.cfg.selection == "pq":
-            self._ensure_codes(hi)
+            p = (hi - 1).clamp_min(0).reshape(1)  # the token that left the window this step
+            self.codes.index_copy_(2, p, kernels.pq_assign(self._keys_at(p), self.centroids, backend=self.cfg.backend))
         elif self.pages is not None:
-            self.pages.update(self.keys, self.start, max(hi, 0))
+            self.pages.update(self.keys, self.start, max(int(hi), 0))
         top = select(
-            self.cfg.selection, query, lo, hi_t, self.topk, scaling, keys=self.keys, centroids=self.centroids,
+            self.cfg.selection, query, lo, hi_b, self.topk_slots, scaling, keys=self.keys, centroids=self.centroids,
             codes=self.codes, pages=self.pages, backend=self.cfg.backend,
-        )  # [B, Hkv, k]
-        sink = self.start[:, None] + torch.arange(self.sink, device=dev)  # [B, sink]
-        sink = torch.where(sink < min(hi, n), sink, -1)
-        local = torch.arange(n - self.local, n, device=dev)[None, :]  # [1, local]
-        local = torch.where(local >= self.start[:, None], local, -1)  # [B, local]
+        )  # [B, Hkv, k_slots]
+        if self.topk_slots > self.topk:
+            top = _keep_first(top, topk_n)
+        j = torch.arange(self.sink_slots, device=dev)
+        sink = self.start[:, None] + j  # [B, sink_slots]
+        sink = torch.where((j < sink_n) & (sink < torch.minimum(hi, n)), sink, -1)
+        j = torch.arange(self.local_slots, device=dev)
+        local = n - self.local_slots + j  # [local_slots]
+        local = torch.where((j >= self.local_slots - local_n) & (local >= self.start[:, None]), local, -1)
         bh = top.shape[:2]
         return torch.cat([sink[:, None].expand(*bh, -1), top, local[:, None].expand(*bh, -1)], dim=-1)
 
@@ -185,11 +316,16 @@ class PQLayer(StaticLayer):
         hkv = self.keys.shape[1]
         q = query.reshape(b, hkv, hq // hkv, d)  # query head j uses KV head j // G (repeat_kv's layout)
         idx = self.token_index(q, scaling)
-        if self.record:
-            self.last_index = idx
-        self.steps += 1
+        for obs in self.observers:
+            obs(self, q, idx, scaling)
         out, _ = kernels.sparse_decode_attention(q, self.keys, self.values, idx, scaling, backend=self.cfg.backend)
         return out.reshape(b, hq, -1)[:, None]
+
+
+def _keep_first(top: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep the k best of top [B, Hkv, k_slots] (selection order: best first), -1 elsewhere. k: 0-d tensor."""
+    j = torch.arange(top.shape[-1], device=top.device)
+    return torch.where(j < k, top, -1)
 
 
 def _first_valid(mask: torch.Tensor | None, length: int, batch: int, device: torch.device) -> torch.Tensor:
@@ -202,6 +338,13 @@ def _first_valid(mask: torch.Tensor | None, length: int, batch: int, device: tor
     row = mask[:, 0, -1, :length]  # [B or 1, length]
     ok = row if row.dtype == torch.bool else row == 0
     ok = ok.expand(batch, -1)
+    empty = ~ok.any(dim=-1)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(
+            f"batch rows {rows} have an attention mask of all zeros (no real token): give every row at least one "
+            f"token with attention_mask 1"
+        )
     start = ok.int().argmax(dim=-1)
     pos = torch.arange(length, device=ok.device)
     if not bool(((pos[None, :] >= start[:, None]) == ok).all()):
@@ -213,13 +356,17 @@ def _first_valid(mask: torch.Tensor | None, length: int, batch: int, device: tor
 
 
 class PQCache(StaticCache):
-    """StaticCache for `model`'s config whose full-attention layers are `PQLayer`s (sliding layers stay dense).
+    """StaticCache for `model`'s config whose full-attention layers are `PQLayer`s and whose sliding-window
+    layers are static rings (`SlidingLayer`, dense within the window).
 
     Built by the patched `generate()`; build one yourself for a manual forward loop:
-    `PQCache(model, max_cache_len=prompt_len + new_tokens)`.
+    `PQCache(model, max_cache_len=prompt_len + new_tokens)`. `context_len` (default: max_cache_len) is the real
+    context the token budget is a fraction of, when max_cache_len is a rounded-up bucket.
     """
 
-    def __init__(self, model: torch.nn.Module, max_cache_len: int) -> None:
+    def __init__(self, model: torch.nn.Module, max_cache_len: int, context_len: int | None = None) -> None:
+        from .sliding import SlidingLayer
+
         state = getattr(model, "_pqpatch", None)
         if state is None:
             raise ValueError("PQCache needs a patched model: call pqpatch.patch_model(model, config) first")
@@ -229,12 +376,44 @@ class PQCache(StaticCache):
             from .offload import OffloadPQLayer as layer_cls
         else:
             layer_cls = PQLayer
-        for i in state.pq_layers:
-            self.layers[i] = layer_cls(max_cache_len, i, state.config, state.pool)
+        for i, layer in enumerate(self.layers):
+            if i in state.pq_layers:
+                self.layers[i] = layer_cls(max_cache_len, i, state.config, state.pool, context_len)
+            elif getattr(layer, "is_sliding", False) and hasattr(layer, "_is_croppable"):
+                window = layer.max_cache_len  # transformers sized it min(window, max_cache_len)
+                self.layers[i] = SlidingLayer(window, max_cache_len)
         self.pq_config = state.config
 
     def pq_layers(self) -> list[PQLayer]:
         return [layer for layer in self.layers if isinstance(layer, PQLayer)]
+
+    def sync(self) -> None:
+        """Wait for every layer's pending k-means and fill its codebook (eager; before the first decode step)."""
+        for layer in self.pq_layers():
+            layer.sync()
+
+    def ensure_capacity(self, context_len: int) -> None:
+        """Make room for a conversation of context_len tokens (prompt so far + new turn + answer) and re-split the
+        budget for it: generate() calls this when it is handed a returned PQCache."""
+        from .sliding import SlidingLayer
+
+        size = max(self.get_max_length(), bucket_length(context_len))
+        for layer in self.layers:
+            if isinstance(layer, (PQLayer, SlidingLayer)):
+                layer.resize(size, context_len)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return max((layer.max_cache_len for layer in self.pq_layers()), default=super().get_max_length(layer_idx))
+
+    def cancel(self) -> None:
+        """Drop every pending k-means job of this cache."""
+        for layer in self.pq_layers():
+            layer.cancel()
+
+    def add_observer(self, fn) -> None:
+        """Call fn(layer, query, idx, scaling) after every sparse step's selection (evaluation; eager only)."""
+        for layer in self.pq_layers():
+            layer.observers = (*layer.observers, fn)
 
     def fork(self, config: PQCacheConfig | None) -> "PQCache":
         """An independent copy of this (prefilled) cache whose decode steps follow `config` (None: dense).

@@ -43,11 +43,20 @@ class LayerStats:
 
 
 class OffloadPQLayer(PQLayer):
-    """A `PQLayer` whose full K/V (`self.keys` / `self.values`) is a host store. Shapes in the module docstring."""
+    """A `PQLayer` whose full K/V (`self.keys` / `self.values`) is a host store. Shapes in the module docstring.
+
+    Eager only (`is_compileable` False): a step brings its indices to the host to gather the misses there, so it
+    cannot be one captured graph; compiled generate() calls keep the whole offloaded step eager.
+    """
+
+    is_compileable = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         b, h = key_states.shape[:2]
+        self._n = 0  # tokens written (python int: this layer runs eagerly)
+        self.start = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.split_n = torch.tensor([self.sink, self.local, self.topk], dtype=torch.long, device=self.device)
         pin = self.device.type == "cuda"
         n = self.max_cache_len
         self.keys = torch.zeros(b, h, n, key_states.shape[-1], dtype=key_states.dtype, pin_memory=pin)
@@ -57,12 +66,12 @@ class OffloadPQLayer(PQLayer):
         self.event: torch.cuda.Event | None = None
         block = self.cfg.cache_block_tokens
         self.block = block
-        self.window = self.local + 1
+        self.window = self.local_slots + 1
         self.cap = (self.cfg.gpu_cache_tokens // block) * block
-        self.ring0 = self.sink
+        self.ring0 = self.sink_slots
         self.cache0 = self.ring0 + self.window
         self.stage0 = self.cache0 + self.cap
-        r = self.stage0 + self.topk
+        r = self.stage0 + self.topk_slots
         self.res_k = torch.zeros(b, h, r, key_states.shape[-1], dtype=key_states.dtype, device=self.device)
         self.res_v = torch.zeros(b, h, r, value_states.shape[-1], dtype=value_states.dtype, device=self.device)
         self.blocks = BlockCache(b * h, math.ceil(n / block), self.cap // block, self.cfg.cache_policy)
@@ -73,6 +82,17 @@ class OffloadPQLayer(PQLayer):
     def reset(self) -> None:
         super().reset()
         self.is_initialized = False  # the next update allocates fresh store, res buffers and block cache
+
+    @property
+    def length(self) -> int:
+        return self._n if self.is_initialized else 0
+
+    def resize(self, max_cache_len: int, context_len: int) -> None:
+        if max_cache_len > self.max_cache_len or context_len != self.context_len:
+            raise ValueError(
+                "an offloaded PQ cache cannot grow or change its budget; call generate() on the whole conversation "
+                "without past_key_values (pqpatch prefills it again)"
+            )
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0  # `update` returns exactly the tokens so far
@@ -112,28 +132,33 @@ class OffloadPQLayer(PQLayer):
             self.lazy_initialization(key_states, value_states)
         t, p0 = key_states.shape[-2], self.length
         if p0 + t > self.max_cache_len:
-            raise ValueError(f"the PQ cache was built for {self.max_cache_len} tokens and is full")
+            raise ValueError(
+                f"the PQ cache holds {self.max_cache_len} tokens and already has {p0}; {t} more do not fit. Let "
+                f"generate() build the cache, or call generate() on the whole conversation without past_key_values"
+            )
         self._to_host(p0, key_states, value_states)
         pos = torch.arange(max(p0, p0 + t - self.window), p0 + t, device=self.device)
         slots = self.ring0 + pos % self.window
         self.res_k[:, :, slots] = key_states[:, :, pos - p0]
         self.res_v[:, :, slots] = value_states[:, :, pos - p0]
         self.cumulative_length.add_(t)
-        self.length += t
-        if self.start is not None:
+        self._n += t
+        if self.prefill_len:
             self._fill_sink(p0, key_states, value_states)
         if p0 == 0:
             self._pending = (key_states, value_states)  # after_prefill copies the sink tokens from these
             return key_states, value_states
         if self.active and t == 1:
             return key_states, value_states  # the sparse decode reads the res buffers instead
+        if self.active:
+            self._code_range(p0 - self.local, p0 + t - self.local)  # tokens this step pushed out of the window
         self._wait_host()  # dense step (short prompt, chunked prefill): the whole context, from the store
         full_k = torch.cat([self.keys[:, :, :p0].to(self.device), key_states], dim=2)
         full_v = torch.cat([self.values[:, :, :p0].to(self.device), value_states], dim=2)
         return full_k, full_v
 
     def after_prefill(self, attention_mask: torch.Tensor | None, batch: int) -> None:
-        first = self.start is None
+        first = not self.prefill_len
         super().after_prefill(attention_mask, batch)
         if first and self._pending is not None:
             self._starts = self.start.tolist()
@@ -150,6 +175,9 @@ class OffloadPQLayer(PQLayer):
                 self.res_k[b, :, a - s0 : e - s0] = k[b, :, a - p0 : e - p0]
                 self.res_v[b, :, a - s0 : e - s0] = v[b, :, a - p0 : e - p0]
 
+    def _keys_at(self, pos: torch.Tensor) -> torch.Tensor:
+        return self.res_k.index_select(2, self.ring0 + pos % self.window)  # the token just left the window
+
     def _key_range(self, a: int, b: int) -> torch.Tensor:
         if a >= self.length - self.window:  # still in the ring
             slots = self.ring0 + torch.arange(a, b, device=self.device) % self.window
@@ -164,14 +192,14 @@ class OffloadPQLayer(PQLayer):
         hkv = self.res_k.shape[1]
         q = query.reshape(b, hkv, hq // hkv, d)
         idx = self.token_index(q, scaling)  # [B, Hkv, sink + k + local] absolute positions
-        s, k = self.sink, self.topk
+        s, k = self.sink_slots, self.topk_slots
         r_sink = torch.where(idx[..., :s] >= 0, torch.arange(s, device=idx.device), -1)
         loc = idx[..., s + k :]
         r_loc = torch.where(loc >= 0, self.ring0 + loc % self.window, -1)
         r_top, blk = self._fetch(idx[..., s : s + k]) if k else (idx[..., s:s], None)
         ridx = torch.cat([r_sink, r_top.to(idx.device), r_loc], dim=-1)
-        if self.record:
-            self.last_index = idx
+        for obs in self.observers:
+            obs(self, q, idx, scaling)
         out, _ = kernels.sparse_decode_attention(q, self.res_k, self.res_v, ridx, scaling, backend=self.cfg.backend)
         if blk is not None:
             self._admit(blk)  # after the attention: an admitted block may replace one it just read

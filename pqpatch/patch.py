@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -27,6 +29,18 @@ class PatchState:
     cache_kwarg: str = "past_key_values"
     last_stats: object = None  # stats.CacheStats of the latest generate() call
     _last_cache: object = None  # weakref to that call's cache: its memory goes when the caller drops it
+    saved_attrs: dict = field(default_factory=dict)  # the model's own instance attributes that the patch replaced
+    # one generate() at a time per model: the attention modules reach the cache through an attribute
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle of a patched model
+        state = dict(self.__dict__)
+        state.update(lock=None, _last_cache=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
 
     @property
     def last_cache(self):
@@ -92,8 +106,7 @@ def patch_model(model: torch.nn.Module, config: PQCacheConfig | None = None) -> 
             f"num_subspaces={config.num_subspaces} must divide the model's head dim {head_dim}; "
             f"choose one of {[d for d in (1, 2, 4, 8, 16) if head_dim % d == 0]}"
         )
-    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-    pq_layers = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+    pq_layers = _full_attention_layers(text)
 
     _register()
     from .attention import ATTN_NAME, cache_capture_hook
@@ -112,8 +125,21 @@ def patch_model(model: torch.nn.Module, config: PQCacheConfig | None = None) -> 
         state.hooks.append(m.register_forward_pre_hook(cache_capture_hook, with_kwargs=True))
     model.set_attn_implementation(ATTN_NAME)
     model._pqpatch = state
-    model.generate = functools.partial(_generate, model, type(model).generate)
+    for name, wrapper in (("generate", _generate), ("prepare_inputs_for_generation", _prepare_inputs)):
+        if name in model.__dict__:
+            state.saved_attrs[name] = model.__dict__[name]  # the user's own: unpatch puts it back
+        setattr(model, name, functools.partial(wrapper, model, getattr(model, name)))
     return model
+
+
+def _full_attention_layers(text_config) -> list[int]:
+    """Layers that transformers' StaticCache gives a full-length layer (the others are sliding-window or chunked:
+    they stay dense). Mirrors transformers' rule: `layer_types`, else `sliding_window` set means every layer
+    slides (Mistral)."""
+    from transformers.cache_utils import StaticCache, StaticLayer
+
+    probe = StaticCache(config=text_config, max_cache_len=1)  # lazy: allocates nothing
+    return [i for i, layer in enumerate(probe.layers) if type(layer) is StaticLayer]
 
 
 def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -126,7 +152,10 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     for m in state.attn_modules:
         m.__dict__.pop("_pqpatch_cache", None)
     model.set_attn_implementation(state.old_attn_impl)
-    model.__dict__.pop("generate", None)
+    for name in ("generate", "prepare_inputs_for_generation"):
+        model.__dict__.pop(name, None)
+        if name in state.saved_attrs:
+            setattr(model, name, state.saved_attrs[name])
     state.pool.shutdown()
     del model._pqpatch
     return model
@@ -145,17 +174,34 @@ def _max_new_tokens(model: torch.nn.Module, kwargs: dict, prompt_len: int) -> in
     return 20
 
 
-def _generate(model: torch.nn.Module, original, *args, **kwargs):
-    """generate() with a PQCache sized for this call (prompt + max_new_tokens) unless the caller passed one."""
+def _prepare_inputs(model: torch.nn.Module, original, *args, **kwargs):
+    """prepare_inputs_for_generation, run eagerly by generate() before every forward: a PQ cache whose k-means is
+    still pending is synced here, so the (possibly compiled) decode step never waits or allocates."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     from .cache import PQCache
 
+    if isinstance(cache, PQCache):
+        cache.sync()
+    return original(*args, **kwargs)
+
+
+def _prompt(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    for x in (args[0] if args else None, kwargs.get("input_ids"), kwargs.get("inputs"), kwargs.get("inputs_embeds")):
+        if x is not None:
+            return x
+    return None
+
+
+def _generate(model: torch.nn.Module, original, *args, **kwargs):
+    """generate() with a PQCache sized for this call (prompt + max_new_tokens, rounded up to a bucket) unless the
+    caller passed a cache. One call at a time per model (a lock): concurrent calls run one after the other."""
+    from .cache import PQCache, bucket_length
+    from .stats import cache_stats
+
     state: PatchState = model._pqpatch
-    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
-        return original(model, *args, **kwargs)
-    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs", kwargs.get("inputs_embeds")))
-    if inputs is None:
-        raise ValueError("pqpatch's generate() needs the prompt (input_ids or inputs_embeds) to size its cache")
     gen = kwargs.get("generation_config") or model.generation_config
+    if not kwargs.get("use_cache", getattr(gen, "use_cache", True)):
+        return original(*args, **kwargs)  # no cache: every step recomputes the whole sequence, densely
     beams = kwargs.get("num_beams", getattr(gen, "num_beams", 1)) or 1
     nret = kwargs.get("num_return_sequences", getattr(gen, "num_return_sequences", 1)) or 1
     if beams > 1 or nret > 1:
@@ -163,16 +209,41 @@ def _generate(model: torch.nn.Module, original, *args, **kwargs):
             "pqpatch decodes one sequence per prompt: use num_beams=1 and num_return_sequences=1, "
             "or repeat the prompt in the batch"
         )
-    from .stats import cache_stats
-
-    prompt_len = inputs.shape[1]
-    state._last_cache = None  # drop our reference to the previous call's cache before allocating this one
-    cache = PQCache(model, max_cache_len=prompt_len + _max_new_tokens(model, kwargs, prompt_len))
-    state._last_cache = weakref.ref(cache)
-    kwargs[state.cache_kwarg] = cache
-    try:
-        return original(model, *args, **kwargs)
-    finally:
-        for m in state.attn_modules:  # the hook's reference would keep this cache alive until the next call
-            m.__dict__.pop("_pqpatch_cache", None)
-        state.last_stats = cache_stats(cache)
+    impl = kwargs.get("cache_implementation", getattr(gen, "cache_implementation", None))
+    if impl not in (None, "static"):
+        raise ValueError(
+            f"pqpatch builds its own static PQ cache; cache_implementation={impl!r} cannot be combined with it. "
+            f"Drop cache_implementation (or pass 'static'), or call pqpatch.unpatch_model(model) first"
+        )
+    kwargs.pop("cache_implementation", None)
+    inputs = _prompt(args, kwargs)
+    user_cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    with state.lock:
+        if user_cache is not None:
+            cache = user_cache
+            if isinstance(cache, PQCache) and inputs is not None:
+                # continuing a conversation: make room for the new turn and its answer
+                cache.ensure_capacity(inputs.shape[1] + _max_new_tokens(model, kwargs, inputs.shape[1]))
+        else:
+            if inputs is None:
+                raise ValueError(
+                    "pqpatch's generate() needs the prompt (input_ids or inputs_embeds) to size its cache"
+                )
+            if impl is not None:  # "static": the PQ cache is static; transformers must not build its own
+                gen = kwargs["generation_config"] = copy.deepcopy(gen)
+                gen.cache_implementation = None
+            prompt_len = inputs.shape[1]
+            ctx = prompt_len + _max_new_tokens(model, kwargs, prompt_len)
+            state._last_cache = None  # drop our reference to the previous call's cache before allocating this one
+            cache = PQCache(model, max_cache_len=bucket_length(ctx), context_len=ctx)
+            kwargs[state.cache_kwarg] = cache
+        if isinstance(cache, PQCache):
+            state._last_cache = weakref.ref(cache)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            for m in state.attn_modules:  # the hook's reference would keep this cache alive until the next call
+                m.__dict__.pop("_pqpatch_cache", None)
+            if isinstance(cache, PQCache):
+                cache.cancel()  # a call that ended before its first decode step leaves no k-means job behind
+                state.last_stats = cache_stats(cache)

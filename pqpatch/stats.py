@@ -74,7 +74,8 @@ def cache_stats(cache) -> CacheStats:
                 tot[f.name] += getattr(layer.stats, f.name)
         else:
             gpu += _nbytes(layer.keys, layer.values, layer.codes, layer.centroids)
-            tot["steps"] += layer.steps
+            if layer.active and layer.prefill_len:  # tokens decoded after the prefill (derived: no counter)
+                tot["steps"] += max(layer.length - layer.prefill_len, 0)
     return CacheStats(offload=cache.pq_config.offload, layers=len(layers), gpu_kv_bytes=gpu, dense_kv_bytes=dense, **tot)
 
 

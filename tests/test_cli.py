@@ -234,6 +234,8 @@ def test_default_model_loads_and_answers_a_passkey():
 def test_demo_runs_on_a_tiny_model(tiny_dir, capsys):
     from pqpatch.eval.demo import run_demo
 
+    from pqpatch.cache import bucket_length
+
     res = run_demo(str(tiny_dir), length=320, budget=0.5, max_new_tokens=4, min_context=64, sink_tokens=4,
                    num_subspaces=2)
     out = capsys.readouterr().out
@@ -241,5 +243,5 @@ def test_demo_runs_on_a_tiny_model(tiny_dir, capsys):
     mem = res["memory"]
     n = res["prompt_tokens"] + 4  # the cache holds prompt + new tokens
     assert mem["dense_global"] == n * 2 * 2 * 16 * 4  # one global layer, K+V, 2 KV heads x 16 dims, float32
-    assert mem["pq_codes"] == 2 * n * 2 and mem["pq_centroids"] > 0  # [Hkv, max_len, m] uint8
+    assert mem["pq_codes"] == 2 * bucket_length(n) * 2 and mem["pq_centroids"] > 0  # [Hkv, max_len, m] uint8
     assert 0 < mem["pq_attended"] < mem["dense_global"]

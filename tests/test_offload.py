@@ -21,20 +21,11 @@ def _run(arch, offload, ids, mask, **kw):
     model = tiny_model(arch)
     pqpatch.patch_model(model, _cfg(offload, **kw))
     indices = []
-
-    def grab(module, args, kwargs, out):
-        layer = model._pqpatch.last_cache.layers[module.layer_idx]
-        if getattr(layer, "last_index", None) is not None:
-            indices.append(layer.last_index.clone())
-
-    for layer_idx in model._pqpatch.pq_layers:
-        model._pqpatch.attn_modules[layer_idx].register_forward_hook(grab, with_kwargs=True)
     orig = PQCache.__init__
 
-    def recording_init(self, *a, **k):  # switch on index recording in every cache generate() builds
+    def recording_init(self, *a, **k):  # record every sparse step's selection in each cache generate() builds
         orig(self, *a, **k)
-        for layer in self.pq_layers():
-            layer.record = True
+        self.add_observer(lambda layer, q, idx, scaling: indices.append(idx.clone()))
 
     PQCache.__init__ = recording_init
     try:

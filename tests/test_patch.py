@@ -9,6 +9,7 @@ from conftest import live_tensor_count, tiny_model
 
 import pqpatch
 from pqpatch.cache import PQLayer
+from pqpatch.kernels.reference import pq_assign_ref
 
 PROMPT, NEW = 48, 12
 
@@ -31,8 +32,11 @@ def _assert_sparse_path_ran(model):
     assert layers, "no PQ layer in the cache"
     for layer in layers:
         assert layer.active and layer.topk > 0
-        # tokens that left the window during decoding were coded: the top-k path really ran
-        assert layer.coded_upto == PROMPT + NEW - 1 - layer.local
+        # tokens that left the window during decoding got their nearest-centroid codes: the top-k path really ran
+        a, b = PROMPT - layer.local, PROMPT + NEW - 1 - layer.local
+        want = pq_assign_ref(layer.keys[:, :, a:b], layer.centroids)
+        assert torch.equal(layer.codes[:, :, a:b], want) and bool(want.any())
+        assert not layer.codes[:, :, b:].any()  # and nothing beyond them
 
 
 def test_full_budget_equals_dense(arch):
@@ -224,7 +228,7 @@ def test_prefill_does_not_wait_for_kmeans(monkeypatch):
         assert all(layer.future is not None and not layer.future.done() for layer in cache.pq_layers())
         release.set()
         model(out.logits[:, -1:].argmax(-1), **{kw: cache})  # the first decode step waits for the codebooks
-    assert all(layer.future is None and layer.codes is not None for layer in cache.pq_layers())
+    assert all(layer.future is None and layer.centroids.abs().sum() > 0 for layer in cache.pq_layers())
 
 
 @pytest.mark.parametrize(
@@ -270,7 +274,8 @@ def test_unpadded_prefill_needs_no_mask_on_pq_layers():
     for m in model._pqpatch.attn_modules:
         m.register_forward_pre_hook(lambda mod, a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
     model.generate(torch.randint(1, 96, (1, 300)), max_new_tokens=2, do_sample=False)
-    assert len(masks) == 4 and all(mask is None for mask in masks)
+    assert len(masks) == 4 and masks[0] is None and masks[1] is None  # the prefill of both layers
+    assert all(m.shape[-2] == 1 for m in masks[2:])  # decode: one [B, 1, 1, max_len] row (static shape)
 
 
 @pytest.mark.parametrize(
@@ -288,4 +293,5 @@ def test_full_budget_equals_dense_odd_sizes(prompt, heads, kv_heads, head_dim):
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert all(layer.active and layer.steps == NEW - 1 for layer in model._pqpatch.last_cache.pq_layers())
+    assert all(layer.active for layer in model._pqpatch.last_cache.pq_layers())
+    assert pqpatch.stats(model).steps == 2 * (NEW - 1)

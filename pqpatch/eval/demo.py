@@ -84,7 +84,8 @@ def kv_memory(model, cache) -> dict[str, int]:
     hkv = text.num_key_value_heads
     elem = next(model.parameters()).element_size()
     layers = cache.pq_layers()
-    n = max(layer.max_cache_len for layer in cache.layers)  # the sliding layers' buffers are window-sized
+    # the context the cache is for (its buffers may be a little longer: a shape bucket, pqpatch.cache.bucket_length)
+    n = layers[0].context_len if layers else max(layer.max_cache_len for layer in cache.layers)
     per_tok = 2 * hkv * d * elem  # K and V
     window = getattr(text, "sliding_window", None) or n
     num_sliding = text.num_hidden_layers - len(layers)

@@ -3,7 +3,7 @@
 - `prefill`: one exact forward pass over the prompt into a fresh `PQCache` (logits of the last position only:
   a 16K x 262K logit matrix would need 17 GB).
 - `greedy_decode` / `teacher_forced`: decode-mode loops on a fork, timed per token.
-- `RecallProbe`: wraps the `token_index` of every PQ layer of a fork, so each decode step's query and selected
+- `RecallProbe`: a cache observer on every PQ layer of a fork, so each decode step's query and selected
   positions are scored (`metrics.selection_recall`) while the keys of that step are still in place.
 - `blockwise_prefill`: a context manager that computes the prefill attention of sliding-window layers block by
   block. transformers hands those layers a dense [q, q] mask, so SDPA does the full quadratic work although a
@@ -119,23 +119,22 @@ class RecallProbe:
     """Scores every decode step of every PQ layer of `cache` against the oracle at the same budget split.
 
     `reference` is the config whose (sink, local, top-k) split defines the candidates (for "streaming", the
-    same budget under "pq"). Results: `rows`, one dict per (step, layer).
+    same budget under "pq"). Results: `rows`, one dict per (step, layer). Installed as a cache observer, so it
+    sees each step's query and selection while the keys of that step are still in place.
     """
 
     def __init__(self, cache, reference: PQCacheConfig) -> None:
         self.rows: list[dict] = []
-        for layer in cache.pq_layers():
-            sink, local, topk = reference.budget_split(layer.max_cache_len)
-            layer.token_index = self._wrap(layer, layer.token_index, sink, local, topk)
+        self.splits = {
+            layer.layer_idx: reference.budget_split(layer.context_len) for layer in cache.pq_layers()
+        }
+        cache.add_observer(self)
 
-    def _wrap(self, layer, original: Callable, sink: int, local: int, topk: int) -> Callable:
-        def token_index(query: torch.Tensor, scaling: float) -> torch.Tensor:
-            idx = original(query, scaling)
-            r = selection_recall(query, layer.keys, layer.start, layer.length, sink, local, topk, idx, scaling)
-            self.rows.append({"layer": layer.layer_idx, "step_length": layer.length, **r})
-            return idx
-
-        return token_index
+    def __call__(self, layer, query: torch.Tensor, idx: torch.Tensor, scaling: float) -> None:
+        sink, local, topk = self.splits[layer.layer_idx]
+        n = layer.length
+        r = selection_recall(query, layer.keys, layer.start, n, sink, local, topk, idx, scaling)
+        self.rows.append({"layer": layer.layer_idx, "step_length": n, **r})
 
 
 def _blockwise_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -39,3 +39,14 @@ def test_gpu_check_steps_are_listed(capsys):
     names = [s.name for s in mod.STEPS]
     assert names[:2] == ["kernel_tests", "bench_kernels"] and len(set(names)) == len(names)
     assert "kernel_tests" in capsys.readouterr().out
+
+
+def test_gpu_check_runs_the_benchmark_gates_and_summarises_their_table():
+    mod = _load("gpu_check")
+    step = next(s for s in mod.STEPS if s.name == "bench_gates")
+    assert step.cmd[1:4] == ["-m", "pytest", "benchmarks"] and "--benchmark-json" in step.cmd
+    out = ("......\n= pqpatch decode-step benchmark (min of interleaved rounds) =\n"
+           "      N bits dtype ...\n  32768    6 float32  1.0 ...  step_vs_dense 0.13 <= gate 0.25\n"
+           "----- benchmark: 3 tests -----\nName (time in ms)  Min\n1 failed, 5 passed in 9.70s\n")
+    lines = step.summary(out)
+    assert lines[1].strip().startswith("32768") and lines[-1] == "1 failed, 5 passed in 9.70s" and len(lines) == 3

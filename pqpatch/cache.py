@@ -237,7 +237,8 @@ class PQLayer(StaticLayer):
             torch._dynamo.mark_static_address(self.centroids)
             torch._dynamo.mark_static_address(self.codes)
             self.future = self.pool.submit(
-                self.keys, lo, hi, c.num_subspaces, c.bits, c.kmeans_iters, c.seed, ready=self._host_ready()
+                self.keys, lo, hi, c.num_subspaces, c.bits, c.kmeans_iters, c.seed, ready=self._host_ready(),
+                layer=self.layer_idx,
             )
         elif self.cfg.selection == "quest":
             self.pages = QuestPages(self.keys, self.cfg.quest_page_tokens)

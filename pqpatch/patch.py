@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import threading
 import weakref
@@ -128,8 +127,28 @@ def patch_model(model: torch.nn.Module, config: PQCacheConfig | None = None) -> 
     for name, wrapper in (("generate", _generate), ("prepare_inputs_for_generation", _prepare_inputs)):
         if name in model.__dict__:
             state.saved_attrs[name] = model.__dict__[name]  # the user's own: unpatch puts it back
-        setattr(model, name, functools.partial(wrapper, model, getattr(model, name)))
+        setattr(model, name, _Patched(wrapper, model, name))
     return model
+
+
+class _Patched:
+    """model.<name> after patching: wrapper(model, original, ...). A small class rather than a partial so that
+    transformers sees the original's signature and a patched model survives copy.deepcopy and pickle."""
+
+    def __init__(self, wrapper, model: torch.nn.Module, name: str) -> None:
+        self.wrapper, self.model, self.name = wrapper, model, name
+
+    def original(self):
+        state = self.model.__dict__.get("_pqpatch")
+        own = state.saved_attrs.get(self.name) if state is not None else None
+        return own if own is not None else getattr(type(self.model), self.name).__get__(self.model)
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapper(self.model, self.original(), *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # transformers inspects these signatures
+        return inspect.signature(self.original())
 
 
 def _full_attention_layers(text_config) -> list[int]:

@@ -7,7 +7,8 @@ On CUDA an op's time is the mean of `inner` back-to-back launches between CUDA e
 graph when capture works), so launch overhead of the Python wrappers is not what is measured.
 
 Sizes: `PQPATCH_BENCH_SIZES=8192,32768,131072` overrides the sizes of thresholds.json (CPU default: 32K only, to stay
-within CI's time; 128K takes about a minute more).
+within CI's time; 128K takes about a minute more). `PQPATCH_BENCH_BACKEND=torch` times the reference ops instead
+(the "before" of issue 9; its gates fail, the table is still printed).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def settings() -> dict:
     env = os.environ.get("PQPATCH_BENCH_SIZES")
     if env:
         s["sizes"] = [int(v) for v in env.split(",") if v.strip()]
+    s["backend"] = os.environ.get("PQPATCH_BENCH_BACKEND", s["backend"])  # "torch": the reference, for a before/after
     return s
 
 

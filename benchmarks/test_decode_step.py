@@ -3,7 +3,8 @@ dim 128), B = 1, m = 2, b = 6 and 8, k = N/5, torch.set_num_threads(1) on CPU.
 
 Time gates are ratios to dense SDPA (`scaled_dot_product_attention` over all N with enable_gqa) measured in the same
 rounds; counters (bytes, tokens, graph breaks, recompiles) are exact. Thresholds and targets: thresholds.json.
-The floor is the time to read the k selected rows' worth of K and V with a plain contiguous read.
+The floor is the time to read the k selected rows' worth of K and V with a plain contiguous read; the gather floor
+copies the selected rows themselves out with index_select (random rows: bound by memory latency, not bandwidth).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def make_case(n: int, bits: int, dtype: torch.dtype, seed: int = 0) -> dict:
     k, scaling, backend = n // 5, 1.0 / math.sqrt(D), SET["backend"]
     q_sdpa = q.reshape(1, HKV * G, 1, D)  # head h = kv * G + g, as enable_gqa expects
     idx = kernels.pq_topk(q, cent, codes, lo, hi, k, scaling, backend=backend)
+    as_int = torch.int32 if dtype == torch.float32 else torch.int16  # the floor reads bits: an integer max streams
+    # the gather floor: the selected rows (ascending) copied out with index_select, no arithmetic
+    rows = (idx.sort(-1).values.clamp_min(0) + torch.arange(HKV, device=DEV).view(1, HKV, 1) * n).view(-1)
+    k_buf, v_buf = keys.new_empty(rows.numel(), D), values.new_empty(rows.numel(), D)
     fns = dict(
         dense=lambda: F.scaled_dot_product_attention(q_sdpa, keys, values, scale=scaling, enable_gqa=True),
         topk=lambda: kernels.pq_topk(q, cent, codes, lo, hi, k, scaling, backend=backend),
@@ -55,7 +60,9 @@ def make_case(n: int, bits: int, dtype: torch.dtype, seed: int = 0) -> dict:
         step=lambda: kernels.sparse_decode_attention(
             q, keys, values, kernels.pq_topk(q, cent, codes, lo, hi, k, scaling, backend=backend), scaling,
             backend=backend),
-        floor=lambda: (keys[:, :, :k].sum(), values[:, :, :k].sum()),
+        floor=lambda: (keys[:, :, :k].view(as_int).amax(), values[:, :, :k].view(as_int).amax()),
+        gather=lambda: (torch.index_select(keys.view(-1, D), 0, rows, out=k_buf),
+                        torch.index_select(values.view(-1, D), 0, rows, out=v_buf)),
     )
     return dict(n=n, k=k, bits=bits, dtype=dtype, idx=idx, fns=fns, q=q, keys=keys, values=values, cent=cent,
                 codes=codes, lo=lo, hi=hi, scaling=scaling)
@@ -86,7 +93,7 @@ def summarise(case: dict, best: dict[str, float]) -> dict:
     d = best["dense"]
     return dict(n=case["n"], bits=case["bits"], dtype=str(case["dtype"]).replace("torch.", ""),
                 dense_ms=d * 1e3, topk_ms=best["topk"] * 1e3, attn_ms=best["attn"] * 1e3,
-                step_ms=best["step"] * 1e3, floor_ms=best["floor"] * 1e3, step_vs_dense=best["step"] / d,
+                step_ms=best["step"] * 1e3, floor_ms=best["floor"] * 1e3, gather_ms=best["gather"] * 1e3, step_vs_dense=best["step"] / d,
                 select_vs_dense=best["topk"] / d, attn_vs_dense=best["attn"] / d, floor_vs_dense=best["floor"] / d)
 
 

@@ -15,7 +15,8 @@ Why it is fast (m = 2 sub-spaces, b bits, K = 2**b centroids, n candidate tokens
     smaller is searched.
   * The selected set is emitted with one `nonzero` in position order, which also gives the sparse attention
     ascending (cache-friendly) row indices.
-m = 1 uses the same code-domain path; other m score per token (the reference's rule, not tuned). Ties: every token
+m = 1 uses the same code-domain path; other m, and short candidate lists whose code table would be larger than 2 G n
+entries (b = 8 below ~8K tokens), score per token (the reference's arithmetic). Ties: every token
 scoring strictly above the k-th selected score is selected; among equal scores the earliest positions are taken.
 """
 
@@ -94,9 +95,11 @@ def pq_topk_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tenso
 
 def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int) -> torch.Tensor:
     """lut: [Hkv, m, G, K] float32; codes: [Hkv, n, m] uint8; 0 < kk < n. Returns [Hkv, kk] int64 (0-based)."""
-    h, m = lut.shape[:2]
+    h, m, g, kc = lut.shape
     n = codes.shape[1]
-    found = _code_scores(lut, codes) if m <= 2 else None
+    # the code table costs ~ its 256 * K (m = 2) entries, per-token scoring ~ G * n gathers: pick the cheaper
+    table_entries = 256 * kc if m == 2 else kc
+    found = _code_scores(lut, codes) if m <= 2 and table_entries <= 2 * g * n else None
     if found is None:
         keys = _token_scores(lut, codes).view(torch.int32)  # [Hkv, n]
         thr, need = radix_threshold(keys, None, kk)

@@ -63,7 +63,8 @@ TOPK_CASES = [  # (b, hkv, g, d, m, bits, n, k)
     (1, 2, 4, 64, 2, 6, 17, 5),
     (3, 2, 8, 128, 2, 6, 97, 20),
     (1, 1, 4, 128, 2, 4, 1000, 200),  # 256 codes < 1000 tokens: radix over the weighted code table
-    (1, 2, 4, 128, 2, 8, 1000, 200),  # 65536 codes > 1000 tokens: radix over the tokens
+    (1, 2, 4, 128, 2, 8, 1000, 200),  # 65536 codes >> 1000 tokens: per-token scores
+    (1, 1, 4, 64, 2, 8, 10000, 2000),  # code table scores, radix over the tokens (65536 codes > 10000 tokens)
     (3, 2, 4, 256, 2, 7, 1000, 333),
     (1, 2, 4, 64, 1, 5, 1000, 100),
     (3, 1, 8, 64, 1, 8, 97, 30),
@@ -102,15 +103,18 @@ def test_pq_topk_cpu_k_zero_and_k_above_n():
     assert_topk_rule(idx, x, 80, 0.1)
 
 
-def test_pq_topk_cpu_underflowing_code_table_falls_back_to_token_scores():
+def test_pq_topk_cpu_underflowing_code_table_falls_back_to_token_scores(monkeypatch):
     """Huge logits: the per-sub-space softmax factors of the codes present all underflow in float64 (the maxima
     sit on absent centroids), so the code-domain path must give way to per-token scores, which stay exact."""
-    x = _pq_inputs(11, 1, 2, 4, 64, 2, 4, 500)
+    x = _pq_inputs(11, 1, 2, 4, 64, 2, 4, 600)  # 600 tokens: enough for the code-table path to be chosen
     x["codes"] = torch.randint(0, 8, x["codes"].shape, generator=_gen(1), dtype=torch.uint8)  # codes 0..7 only
     x["centroids"][..., 8:, :] = x["query"].reshape(1, 2, 4, 2, 32).sum(2)[:, :, :, None, :] * 50  # far maxima
     lut = torch.einsum("bhgmd,bhmkd->bhmgk", x["query"].reshape(1, 2, 4, 2, 32), x["centroids"]) * 30.0
     assert cpu_select._code_scores(lut[0], x["codes"][0]) is None  # the guard does fire on these inputs
+    calls, real = [], cpu_select._token_scores
+    monkeypatch.setattr(cpu_select, "_token_scores", lambda *a: calls.append(1) or real(*a))
     idx = kernels.pq_topk(**x, k=100, scaling=30.0, backend="cpu")
+    assert calls, "the op did not fall back to per-token scores"
     assert_topk_rule(idx, x, 100, 30.0)
 
 

@@ -81,6 +81,19 @@ def _csv(item_type, choices=None):
     return parse
 
 
+def _method(text: str) -> str:
+    """A method with optional PQCacheConfig overrides, "pq:bits=8:num_subspaces=2"."""
+    from .eval.engine import parse_method
+
+    try:
+        name, _ = parse_method(text.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if name not in _METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from {','.join(_METHODS)}")
+    return text.strip()
+
+
 def _depth(text: str) -> float:
     v = float(text)
     if not 0.0 <= v <= 1.0:
@@ -108,12 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="a transformers checkpoint or .gguf file (default: Gemma-3-270M)")
     e.add_argument("--lengths", type=_csv(parse_length), default=(2048, 4096, 8192, 16384))
     e.add_argument("--budgets", type=_csv(parse_budget), default=(0.05, 0.1, 0.2))
-    e.add_argument("--methods", type=_csv(str, _METHODS), default=_METHODS)
+    e.add_argument("--methods", type=_csv(_method), default=_METHODS,
+                   help="methods, each optionally with PQCacheConfig overrides: pq:bits=6,pq:bits=8 compares two "
+                        "codebooks on the same prefills")
     e.add_argument("--depths", type=_csv(_depth), default=(0.1, 0.5, 0.9), help="needle depths (passkey, niah)")
     e.add_argument("--variants", type=_csv(str, _VARIANTS), default=_VARIANTS, help="NIAH variants")
     e.add_argument("--teacher-tokens", type=_int_at_least(1), default=32,
                    help="decode steps scored by kl / recall (default 32; fewer than the shortest length)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seeds", type=_csv(_int_at_least(0)), default=None,
+                   help="prompt seeds: each is its own haystack/document and prefill; cells report mean ± sd")
+    e.add_argument("--kmeans-seeds", type=_csv(_int_at_least(0)), default=(0,),
+                   help="k-means seed offsets: one more fork of every prefill per offset for codebook methods "
+                        "(cheap: no new prefill); cells report mean ± sd")
     e.add_argument("--sink-tokens", type=int, default=None, help="PQCacheConfig.sink_tokens (default 32)")
     e.add_argument("--min-context", type=int, default=None, help="PQCacheConfig.min_context (default 1024)")
     e.add_argument("--bits", type=int, default=None, help="PQCacheConfig.bits (default 6)")
@@ -194,6 +214,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         settings = EvalSettings(
             tasks=tuple(args.task), lengths=args.lengths, budgets=args.budgets, methods=args.methods,
             depths=args.depths, variants=args.variants, teacher_tokens=args.teacher_tokens, seed=args.seed,
+            seeds=args.seeds, kmeans_seeds=args.kmeans_seeds,
             base=_base_config(args), blockwise_prefill=not args.no_blockwise_prefill,
             decode_threads=args.decode_threads or None,
         )

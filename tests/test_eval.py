@@ -240,3 +240,66 @@ def test_settings_are_validated():
     assert EvalSettings(tasks=("kl",), methods=("pq", "dense"), budgets=(0.1,)).forks() == [
         ("dense", None), ("pq", 0.1)]
     assert format_length(2048) == "2k" and format_length(1500) == "1500"
+
+
+# ---- repeated cells and method specs ---------------------------------------------------------------------------
+def test_method_specs_override_config_fields():
+    from pqpatch.eval.engine import method_config, parse_method
+
+    assert parse_method("pq:bits=8:num_subspaces=4") == ("pq", {"bits": 8, "num_subspaces": 4})
+    cfg = method_config("pq:bits=5", 0.1, {"bits": 7, "seed": 3}, kmeans_seed=2)
+    assert (cfg.bits, cfg.selection, cfg.token_budget, cfg.seed) == (5, "pq", 0.1, 5)
+    assert method_config("dense:bits=5", None, {}) is None
+    with pytest.raises(ValueError, match="bogus"):
+        parse_method("pq:bogus=1")
+    with pytest.raises(ValueError, match="field=value"):
+        parse_method("pq:bits")
+    with pytest.raises(ValueError):
+        EvalSettings(tasks=("kl",), methods=("pq:bits=9",))  # the config rejects it up front
+
+
+def test_repeated_cells_report_mean_and_spread(tmp_path):
+    """Two prompt seeds x two k-means seeds: pq cells have 4 repetitions, oracle (no codebook) 2, and the
+    Markdown and the JSON cells carry mean ± sd computed from exactly those records."""
+    from pqpatch.eval.report import cell_stats
+
+    model = tiny_model("llama", layers=2)
+    s = EvalSettings(tasks=("kl", "recall"), lengths=(256,), budgets=(0.2,), teacher_tokens=4, base=BASE,
+                     methods=("dense", "pq:bits=3", "pq:bits=5", "oracle"), seeds=(0, 1), kmeans_seeds=(0, 1))
+    res = run_eval(model, CharCodec(), s, progress=False)
+    recs = res["records"]
+    count = {m: sum(r["method"] == m for r in recs) for m in s.methods}
+    assert count == {"dense": 2, "pq:bits=3": 4, "pq:bits=5": 4, "oracle": 2}
+    assert {(r["seed"], r["kmeans_seed"]) for r in recs if r["method"] == "pq:bits=5"} == {
+        (0, 0), (0, 1), (1, 0), (1, 1)}
+    # the two documents differ, so dense itself is a new prefill per prompt seed
+    cells = {(c["method"], c["budget"]): c for c in cell_stats(recs)}
+    pq = [r for r in recs if r["method"] == "pq:bits=3"]
+    per = [sum(v["recall"] for v in r["layers"].values()) / len(r["layers"]) for r in pq]
+    st = cells[("pq:bits=3", 0.2)]["recall"]
+    mean = sum(per) / 4
+    assert st["n"] == 4 and st["mean"] == pytest.approx(mean)
+    assert st["sd"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in per) / 3))
+    assert cells[("oracle", 0.2)]["recall"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    md = summary_markdown(res)
+    assert "Attention recall per length" in md and "| pq:bits=3 @0.2 |" in md and " ± " in md
+    write_outputs(res, tmp_path)
+    assert json.loads((tmp_path / "kl_recall.json").read_text())["cells"]
+
+
+def test_retrieval_seeds_build_different_prompts():
+    model = tiny_model("gemma3", layers=2)
+    s = EvalSettings(tasks=("passkey",), lengths=(320,), depths=(0.5,), budgets=(0.3,), methods=("dense",),
+                     seeds=(0, 5), base=BASE)
+    recs = run_eval(model, CharCodec(), s, progress=False)["records"]
+    assert [r["seed"] for r in recs] == [0, 5] and recs[0]["answers"] != recs[1]["answers"]
+
+
+def test_cli_takes_method_specs_and_seeds():
+    from pqpatch.cli import build_parser
+
+    a = build_parser().parse_args(["eval", "recall", "--methods", "pq:bits=8,oracle", "--seeds", "0,1",
+                                   "--kmeans-seeds", "0,1,2"])
+    assert a.methods == ("pq:bits=8", "oracle") and a.seeds == (0, 1) and a.kmeans_seeds == (0, 1, 2)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "recall", "--methods", "magic:bits=8"])

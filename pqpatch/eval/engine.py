@@ -24,18 +24,58 @@ from ..config import PQCacheConfig
 from .metrics import selection_recall
 
 __all__ = [
-    "prefill", "greedy_decode", "teacher_forced", "RecallProbe", "blockwise_prefill", "method_config", "threads",
+    "prefill", "greedy_decode", "teacher_forced", "RecallProbe", "blockwise_prefill", "method_config", "parse_method",
+    "threads",
 ]
 
 BLOCK = 1024  # query rows per block in blockwise_prefill
 _EVAL_ATTN = "pqcache_eval"
 
 
-def method_config(method: str, budget: float | int, base: dict) -> PQCacheConfig | None:
-    """The PQCacheConfig of `method` at `budget` (None for "dense"); `base` holds the other fields."""
-    if method == "dense":
+def parse_method(spec: str) -> tuple[str, dict]:
+    """A method spec "name[:field=value[:field=value...]]" -> (name, {field: value}).
+
+    Lets one grid compare variants of a selection on the same prefills, e.g. "pq:bits=6" against "pq:bits=8".
+    Values are ints, floats, true/false or strings; field names must be `PQCacheConfig` fields.
+    """
+    from dataclasses import fields
+
+    name, *parts = spec.split(":")
+    known = {f.name for f in fields(PQCacheConfig)} - {"token_budget", "selection"}
+    over: dict = {}
+    for part in parts:
+        key, eq, text = part.partition("=")
+        if not eq or key not in known:
+            raise ValueError(f"method {spec!r}: {part!r} is not field=value with a PQCacheConfig field "
+                             f"(one of {sorted(known)})")
+        over[key] = _parse_value(text)
+    return name, over
+
+
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
         return None
-    return PQCacheConfig(**{**base, "token_budget": budget, "selection": method})
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def method_config(method: str, budget: float | int, base: dict, kmeans_seed: int | None = None) -> PQCacheConfig | None:
+    """The PQCacheConfig of `method` (a spec, see `parse_method`) at `budget` (None for "dense"); `base` holds the
+    other fields. `kmeans_seed` (not None) replaces the config's k-means seed (repeated cells)."""
+    name, over = parse_method(method)
+    if name == "dense":
+        return None
+    fields = {**base, **over, "token_budget": budget, "selection": name}
+    if kmeans_seed is not None:
+        fields["seed"] = fields.get("seed", 0) + kmeans_seed
+    return PQCacheConfig(**fields)
 
 
 @contextlib.contextmanager

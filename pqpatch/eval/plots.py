@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def heatmaps(records: list[dict], out_dir: Path, prefix: str) -> list[Path]:
                     ax.set_xlabel("context length", fontsize=8)
         fig.suptitle(f"{prefix}: {method}", fontsize=10)
         fig.tight_layout()
-        path = out_dir / f"{prefix}_heatmap_{method}.png"
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", method)  # "pq:bits=8" -> "pq_bits_8": a portable file name
+        path = out_dir / f"{prefix}_heatmap_{safe}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)

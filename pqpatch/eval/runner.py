@@ -13,11 +13,13 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .engine import RecallProbe, blockwise_prefill, greedy_decode, method_config, prefill, teacher_forced, threads
+from .engine import (
+    RecallProbe, blockwise_prefill, greedy_decode, method_config, parse_method, prefill, teacher_forced, threads,
+)
 from .metrics import kl_divergence, top1_agreement
 from .tasks import NIAH_VARIANTS, Codec, niah_sample, passkey_sample, score_answer
 
@@ -40,6 +42,12 @@ class EvalSettings:
     variants: tuple[str, ...] = NIAH_VARIANTS
     teacher_tokens: int = 32
     seed: int = 0
+    # Repeated cells (mean and spread in the report): every prompt seed is its own prompt/document and prefill
+    # (None: just `seed`); every k-means seed offset is one more fork of each prefill for the methods that train
+    # a codebook (the offset is added to the config's seed). One-prompt, one-seed cells are noisy: with m=2, b=6
+    # the recall of one prompt swung from 0.32 to 0.85 across k-means seeds.
+    seeds: tuple[int, ...] | None = None
+    kmeans_seeds: tuple[int, ...] = (0,)
     base: dict = field(default_factory=dict)
     blockwise_prefill: bool = True
     decode_threads: int | None = 1  # intra-op threads while decoding (see engine.threads); None: unchanged
@@ -48,8 +56,13 @@ class EvalSettings:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks or (set(self.tasks) & {"passkey", "niah"} and len(self.tasks) > 1):
             raise ValueError(f"tasks: one of {TASKS[:2]}, or any of ('kl', 'recall'); got {self.tasks}")
-        if any(m not in METHODS for m in self.methods):
-            raise ValueError(f"methods must be among {METHODS}, got {self.methods}")
+        if any(parse_method(m)[0] not in METHODS for m in self.methods):
+            raise ValueError(f"methods must be among {METHODS} (optionally with :field=value), got {self.methods}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"seeds must be distinct prompt seeds, got {self.seeds}")
+        if not self.kmeans_seeds or len(set(self.kmeans_seeds)) != len(self.kmeans_seeds) or any(
+                not isinstance(k, int) or k < 0 for k in self.kmeans_seeds):
+            raise ValueError(f"kmeans_seeds must be distinct ints >= 0, got {self.kmeans_seeds}")
         if any(v not in NIAH_VARIANTS for v in self.variants):
             raise ValueError(f"variants must be among {NIAH_VARIANTS}, got {self.variants}")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
@@ -76,6 +89,17 @@ class EvalSettings:
         return [(m, None) for m in self.methods if m == "dense"] + [
             (m, b) for m in self.methods if m != "dense" for b in self.budgets
         ]
+
+    def prompt_seeds(self) -> tuple[int, ...]:
+        return self.seeds if self.seeds is not None else (self.seed,)
+
+    def fork_seeds(self, method: str, budget) -> tuple[int | None, ...]:
+        """k-means seed offsets a (method, budget) fork runs under: every `kmeans_seeds` entry for a method that
+        trains a codebook, (None,) for the others (their result does not depend on it)."""
+        cfg = method_config(method, budget, self.base) if budget is not None else None
+        if cfg is None or cfg.selection != "pq":
+            return (None,)
+        return self.kmeans_seeds
 
 
 def format_length(n: int) -> str:
@@ -125,11 +149,13 @@ def preflight(model: torch.nn.Module, codec: Codec, settings: EvalSettings) -> N
 
 
 def _units(s: EvalSettings) -> list[tuple]:
+    """(length, depth, variant, prompt seed) of every prefill."""
+    seeds = s.prompt_seeds()
     if s.tasks[0] == "passkey":
-        return [(L, d, "passkey") for L in s.lengths for d in s.depths]
+        return [(L, d, "passkey", z) for z in seeds for L in s.lengths for d in s.depths]
     if s.tasks[0] == "niah":
-        return [(L, d, v) for v in s.variants for L in s.lengths for d in s.depths]
-    return [(L, None, "document") for L in s.lengths]
+        return [(L, d, v, z) for z in seeds for v in s.variants for L in s.lengths for d in s.depths]
+    return [(L, None, "document", z) for z in seeds for L in s.lengths]
 
 
 def run_eval(
@@ -150,18 +176,22 @@ def run_eval(
     if own_patch:
         pqpatch.patch_model(model, pqpatch.PQCacheConfig(**settings.base))
     t_start = time.perf_counter()
-    units, forks = _units(settings), settings.forks()
+    units = _units(settings)
+    forks = [(m, b, k) for m, b in settings.forks() for k in settings.fork_seeds(m, b)]
     bar = tqdm(total=len(units) * (1 + len(forks)), disable=not progress, file=sys.stderr, unit="run")
     records: list[dict] = []
     try:
-        for length, depth, variant in units:
+        for length, depth, variant, seed in units:
             tag = f"{'+'.join(settings.tasks) if variant == 'document' else variant} {format_length(length)}" + (
                 f" depth={depth:.2f}" if depth is not None else ""
-            )
+            ) + (f" seed={seed}" if len(settings.prompt_seeds()) > 1 else "")
             if variant == "document":
-                records += _teacher_unit(model, codec, settings, length, forks, bar, tag)
+                recs = _teacher_unit(model, codec, settings, length, forks, bar, tag, seed)
             else:
-                records += _retrieval_unit(model, codec, settings, length, depth, variant, forks, bar, tag)
+                recs = _retrieval_unit(model, codec, settings, length, depth, variant, forks, bar, tag, seed)
+            for r in recs:
+                r["seed"] = seed
+            records += recs
     finally:
         bar.close()
         if own_patch:
@@ -184,26 +214,32 @@ def _prefill(model, ids, extra, settings, bar, tag):
     return cache, logits, time.perf_counter() - t0
 
 
-def _retrieval_unit(model, codec, settings, length, depth, variant, forks, bar, tag) -> list[dict]:
+def _fork_tag(tag, method, budget, kseed) -> str:
+    return f"{tag} | {method}" + (f" {budget}" if budget is not None else "") + (
+        f" k-seed {kseed}" if kseed else "")
+
+
+def _retrieval_unit(model, codec, settings, length, depth, variant, forks, bar, tag, seed) -> list[dict]:
     if variant == "passkey":
-        sample = passkey_sample(codec, length, depth, seed=settings.seed)
+        sample = passkey_sample(codec, length, depth, seed=seed)
     else:
-        sample = niah_sample(codec, length, depth, variant, seed=settings.seed)
+        sample = niah_sample(codec, length, depth, variant, seed=seed)
     cache, first, prefill_s = _prefill(model, sample.ids, sample.max_new_tokens, settings, bar, tag)
     out = []
 
     def answered(tokens: list[int]) -> bool:  # the answer line is over: later text is not scored anyway
         return "\n" in codec.decode(tokens).lstrip()
 
-    for method, budget in forks:
-        bar.set_description(f"{tag} | {method}" + (f" {budget}" if budget is not None else ""))
-        fork = cache.fork(method_config(method, budget, settings.base))
+    for method, budget, kseed in forks:
+        bar.set_description(_fork_tag(tag, method, budget, kseed))
+        fork = cache.fork(method_config(method, budget, settings.base, kseed))
         with threads(settings.decode_threads):
             res = greedy_decode(model, fork, first, sample.max_new_tokens, codec.eos, done=answered)
         text = codec.decode(res.tokens)
         out.append({
             "task": sample.task, "variant": variant, "length": length, "prompt_tokens": len(sample.ids),
-            "depth": depth, "method": method, "budget": budget, "score": score_answer(text, sample.answers),
+            "depth": depth, "method": method, "budget": budget, "kmeans_seed": kseed,
+            "score": score_answer(text, sample.answers),
             "answers": sample.answers, "output": text, "s_per_token": res.seconds_per_token,
             "prefill_s": round(prefill_s, 2),
         })
@@ -211,11 +247,11 @@ def _retrieval_unit(model, codec, settings, length, depth, variant, forks, bar, 
     return out
 
 
-def _teacher_unit(model, codec, settings, length, forks, bar, tag) -> list[dict]:
+def _teacher_unit(model, codec, settings, length, forks, bar, tag, seed) -> list[dict]:
     from .tasks import document_ids
 
     t = settings.teacher_tokens
-    ids = document_ids(codec, length, seed=settings.seed)
+    ids = document_ids(codec, length, seed=seed)
     if t >= len(ids) - 1:
         raise ValueError(f"teacher_tokens={t} leaves no prompt in a {len(ids)}-token document")
     cache, _, prefill_s = _prefill(model, ids[:-t], t, settings, bar, tag)
@@ -225,14 +261,15 @@ def _teacher_unit(model, codec, settings, length, forks, bar, tag) -> list[dict]
     # dense first: it is the reference every other fork is compared with
     order = sorted(forks, key=lambda f: f[0] != "dense")
     if order[0][0] != "dense":
-        order.insert(0, ("dense", None))
-    for method, budget in order:
-        bar.set_description(f"{tag} | {method}" + (f" {budget}" if budget is not None else ""))
-        cfg = method_config(method, budget, settings.base)
+        order.insert(0, ("dense", None, None))
+    for method, budget, kseed in order:
+        bar.set_description(_fork_tag(tag, method, budget, kseed))
+        cfg = method_config(method, budget, settings.base, kseed)
         fork = cache.fork(cfg)
         probe = None
         if cfg is not None:
-            probe = RecallProbe(fork, method_config("pq" if method == "streaming" else method, budget, settings.base))
+            # candidates: the split of the same budget under "pq" (streaming gives its top-k share to the window)
+            probe = RecallProbe(fork, replace(cfg, selection="pq") if cfg.selection == "streaming" else cfg)
         with threads(settings.decode_threads):
             res = teacher_forced(model, fork, feed)
         logits = torch.stack(res.logits)  # [T, V]
@@ -241,11 +278,11 @@ def _teacher_unit(model, codec, settings, length, forks, bar, tag) -> list[dict]
         kl = kl_divergence(ref, logits)
         rec = {
             "task": "teacher", "length": length, "prompt_tokens": len(ids) - t, "teacher_tokens": t,
-            "method": method, "budget": budget, "kl": kl.mean().item(), "kl_max": kl.max().item(),
+            "method": method, "budget": budget, "kmeans_seed": kseed, "kl": kl.mean().item(), "kl_max": kl.max().item(),
             "top1": top1_agreement(ref, logits).float().mean().item(), "s_per_token": res.seconds_per_token,
             "prefill_s": round(prefill_s, 2), "layers": _layer_summary(probe.rows if probe else []),
         }
-        if (method, budget) in forks:
+        if (method, budget, kseed) in forks:
             out.append(rec)
             bar.update(1)
     return out

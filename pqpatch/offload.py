@@ -94,6 +94,25 @@ class OffloadPQLayer(PQLayer):
                 "without past_key_values (pqpatch prefills it again)"
             )
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the newest tokens (assisted decoding). The ring is refilled from the host store for the positions
+        the shorter window needs, and the block cache is emptied (its blocks may hold positions to be rewritten)."""
+        if not self.is_initialized:
+            return
+        r = abs(int(tokens_to_remove))  # transformers 5.17 passes a 0-d tensor
+        self._n -= r
+        self.cumulative_length.sub_(r)
+        n = self._n
+        self._wait_host()
+        pos = torch.arange(max(0, n - self.window), n)
+        if len(pos):
+            slots = (self.ring0 + pos % self.window).to(self.device)
+            self.res_k[:, :, slots] = self.keys[:, :, pos].to(self.device)
+            self.res_v[:, :, slots] = self.values[:, :, pos].to(self.device)
+        b, h = self.res_k.shape[:2]
+        self.blocks = BlockCache(b * h, math.ceil(self.max_cache_len / self.block), self.cap // self.block,
+                                 self.cfg.cache_policy)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0  # `update` returns exactly the tokens so far
 

@@ -96,13 +96,14 @@ class SlidingLayer(StaticLayer):
         return full_k, full_v
 
     def crop(self, tokens_to_remove: int) -> None:
-        n, r = self.length, abs(tokens_to_remove)
+        n, r = self.length, abs(int(tokens_to_remove))
         if n > self.max_cache_len and self._view_start(n - r) < n - self.max_cache_len:
             raise ValueError(
                 f"cannot remove {r} tokens from a sliding-window layer whose ring has wrapped: at most "
                 f"{self.max_cache_len - self.window + 1} can be restored; use fewer assistant tokens"
             )
-        super().crop(tokens_to_remove)
+        if self.is_initialized:
+            self.cumulative_length.sub_(r)
 
     def resize(self, max_cache_len: int, context_len: int) -> None:
         """Room for a longer conversation (eager). A ring smaller than window + SPARE has never wrapped (it was

@@ -40,6 +40,14 @@ def test_prompt_lookup_decoding_equals_dense(arch):
     assert torch.equal(out, ref)
 
 
+def test_prompt_lookup_decoding_with_offload_equals_dense():
+    model = tiny_model("llama")
+    ids = _repetitive(PROMPT)
+    ref = _greedy(model, ids)
+    pqpatch.patch_model(model, _full(offload=True, gpu_cache_tokens=16, cache_block_tokens=4))
+    assert torch.equal(_greedy(model, ids, prompt_lookup_num_tokens=3), ref)
+
+
 def test_assisted_decoding_equals_dense():
     model, assistant = tiny_model("llama"), tiny_model("llama", seed=1)
     ids = torch.randint(1, 96, (1, PROMPT))

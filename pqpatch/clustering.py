@@ -31,7 +31,7 @@ from . import codebook
 from .codebook import ClusteringStopped, train_pq
 from .kernels.reference import pq_assign_ref
 
-__all__ = ["Codebook", "ClusterPool", "ClusteringStopped"]
+__all__ = ["Codebook", "ClusterPool", "ClusteringStopped", "default_num_threads"]
 
 log = logging.getLogger("pqpatch")
 
@@ -49,6 +49,25 @@ class Codebook:
     trainer: str = "faiss"
 
 
+def default_num_threads() -> int:
+    """Clustering threads when `num_threads` is None: max(1, min(4, cpus // local_world_size)).
+
+    cpus: the CPUs this process may run on (its affinity mask where the OS has one, else the CPU count).
+    local_world_size: the processes sharing this host, from `LOCAL_WORLD_SIZE` (set by torchrun for every rank);
+    1 when unset. Every tensor-parallel rank runs its own pool on the same host cores, so each takes its share
+    instead of all of them asking for 4 threads on one machine.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(4, cpus // local))
+
+
 class ClusterPool:
     """A small, long-lived thread pool (one per patched model; closed by `unpatch_model`).
 
@@ -57,7 +76,7 @@ class ClusterPool:
     """
 
     def __init__(self, num_threads: int | None = None) -> None:
-        n = num_threads or min(4, os.cpu_count() or 1)
+        n = num_threads or default_num_threads()
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="pqpatch-kmeans")
         self.num_threads = n
         # stop flag of every job not yet finished; the lock guards the dict (submit, cancel and the pool
@@ -80,12 +99,15 @@ class ClusterPool:
         ready: torch.cuda.Event | None = None,
         *,
         layer: int | None = None,
+        head_offset: int = 0,
     ) -> Future:
         """Cluster keys[b, :, lo[b]:hi] of every sequence b. keys: [B, Hkv, N, D] on any device.
 
         `ready`: the keys are a host buffer that an asynchronous copy is still filling; the job waits for this
-        event instead of copying them. `layer`: named in errors (e.g. non-finite keys). Returns a Future of
-        `Codebook`; hand it to `cancel` if it will never be collected.
+        event instead of copying them. `layer`: named in errors (e.g. non-finite keys). `head_offset`: global
+        index of keys' first KV head (a tensor-parallel rank holds heads head_offset.. head_offset + Hkv - 1);
+        k-means seeds by the global head, so every rank's codebooks equal a single process's. Returns a Future
+        of `Codebook`; hand it to `cancel` if it will never be collected.
         """
         src = keys[:, :, : max(hi, 0)]
         if ready is not None:
@@ -94,7 +116,9 @@ class ClusterPool:
             host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)  # see the module docstring
             host.copy_(src, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
+            # the copy runs on the keys' device's current stream, which need not be the current device's
+            # (a device map over several GPUs): record there, or the job could read the buffer too early
+            ready.record(torch.cuda.current_stream(src.device))
         else:
             host, ready = src.clone(), None  # the buffer is written in place later: take a copy
         stop = threading.Event()
@@ -110,7 +134,8 @@ class ClusterPool:
                 if stop.is_set():
                     raise ClusteringStopped()
                 books.append(train_pq(x, num_subspaces, bits, iters, seed, use_faiss,
-                                      where=f"{where}, sequence {b}", should_stop=stop.is_set))
+                                      where=f"{where}, sequence {b}", should_stop=stop.is_set,
+                                      head_offset=head_offset))
             # A heavily left-padded sequence may have fewer training keys than centroids (none at all, even):
             # its codebook would be nearly flat. Borrow the codebook of the sequence with the most keys (same
             # layer and heads, so the same key distribution) and code its own keys with it.

@@ -147,10 +147,13 @@ def kmeans_torch(
 
 
 def kmeans_faiss(
-    x: torch.Tensor, k: int, iters: int, seed: int, should_stop: Callable[[], bool] | None = None
+    x: torch.Tensor, k: int, iters: int, seed: int, should_stop: Callable[[], bool] | None = None,
+    *, first_problem: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """faiss.Kmeans per problem (faiss releases the GIL, so pool threads run in parallel). Same contract;
-    `should_stop` is checked before each problem."""
+    `should_stop` is checked before each problem. Problem i is seeded with seed + first_problem + i:
+    `first_problem` is the global index of x[0] when x holds only some heads (a tensor-parallel rank), so a head
+    gets the same codebook whichever rank clusters it."""
     import faiss
 
     x = x.float()
@@ -165,7 +168,8 @@ def kmeans_faiss(
             raise ClusteringStopped()
         pts = np.ascontiguousarray(xn[i])
         # faiss takes the seed as a C int: wrap seed + i (seed <= 2**31 - 1, PQCacheConfig checks it)
-        km = faiss.Kmeans(ds, k, niter=iters, seed=(seed + i) % 2**31, verbose=False, min_points_per_centroid=1)
+        km = faiss.Kmeans(ds, k, niter=iters, seed=(seed + first_problem + i) % 2**31, verbose=False,
+                          min_points_per_centroid=1)
         km.train(pts)
         _, a = km.index.search(pts, 1)
         cent[i] = torch.from_numpy(km.centroids)
@@ -181,7 +185,7 @@ def inertia(x: torch.Tensor, cent: torch.Tensor, codes: torch.Tensor) -> float:
 
 def train_pq(
     keys: torch.Tensor, num_subspaces: int, bits: int, iters: int, seed: int, use_faiss: bool | None = None,
-    *, where: str = "", should_stop: Callable[[], bool] | None = None,
+    *, where: str = "", should_stop: Callable[[], bool] | None = None, head_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train one sequence's codebooks.
 
@@ -192,6 +196,8 @@ def train_pq(
     where: named in errors (e.g. "layer 3, sequence 0"). should_stop: polled at problem boundaries; when it
     returns True the training raises `ClusteringStopped`. Non-finite keys raise ValueError; keys of extreme
     magnitude are rescaled for clustering (module docstring).
+    head_offset: global index of keys[0]'s KV head (tensor parallel: the rank's first head). Problem (h, j) is
+    seeded by its global index (head_offset + h) * m + j, so a rank's codebooks equal a single process's.
     """
     h, n, d = keys.shape
     m = num_subspaces
@@ -203,8 +209,10 @@ def train_pq(
     x, scale = _rescale(x)
     if use_faiss is None:
         use_faiss = default_use_faiss()
-    fn = kmeans_faiss if use_faiss else kmeans_torch
-    cent, codes = fn(x, k, iters, seed, should_stop)
+    if use_faiss:
+        cent, codes = kmeans_faiss(x, k, iters, seed, should_stop, first_problem=head_offset * m)
+    else:  # one initial sample (seeded once) serves every problem: the result does not depend on the offset
+        cent, codes = kmeans_torch(x, k, iters, seed, should_stop)
     if scale is not None:
         cent = cent * scale
     return cent.reshape(h, m, k, ds), codes.reshape(h, m, n).permute(0, 2, 1).contiguous()

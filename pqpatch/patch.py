@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ class PatchState:
     last_stats: object = None  # stats.CacheStats of the latest generate() call
     _last_cache: object = None  # weakref to that call's cache: its memory goes when the caller drops it
     saved_attrs: dict = field(default_factory=dict)  # the model's own instance attributes that the patch replaced
+    # layer index -> global index of the first KV head this process holds (tensor parallel; 0 otherwise)
+    kv_head_offsets: dict = field(default_factory=dict)
     # one generate() at a time per model: the attention modules reach the cache through an attribute
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -74,6 +77,54 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
+def _shard_rows(weight: torch.Tensor) -> tuple[int, int]:
+    """(first global output row, local output rows) of a projection weight [out, in] on this process.
+
+    A plain tensor is whole: (0, out). A DTensor (transformers' tensor parallel: `from_pretrained(tp_plan=...)`
+    shards q/k/v_proj "colwise", i.e. Shard(0)) holds the rows its placement gives this rank; torch computes them.
+    """
+    dtensor_mod = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before it is imported
+    dtensor = getattr(dtensor_mod, "DTensor", None)
+    if dtensor is None or not isinstance(weight, dtensor):
+        return 0, weight.shape[0]
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    return int(offset[0]), int(shape[0])
+
+
+def kv_head_offsets(mods: list[torch.nn.Module], head_dim: int) -> dict[int, int]:
+    """Per attention layer, the global index of the first KV head this process holds: 0 without tensor
+    parallelism; rank r of a colwise k_proj split holds KV heads [offset, offset + local heads).
+
+    PQ layers seed k-means by global head (`ClusterPool.submit(head_offset=...)`), so a rank's codebooks, codes and
+    selections for a head equal a single process's. Raises ValueError when a rank's share is not whole heads or
+    its query heads are not the GQA groups of its KV heads (the local reshape [Hkv, G] would mix groups).
+    """
+    out = {}
+    for m in mods:
+        k_row, k_rows = _shard_rows(m.k_proj.weight)
+        q_row, q_rows = _shard_rows(m.q_proj.weight)
+        if k_row == 0 and k_rows == m.k_proj.weight.shape[0]:
+            out[m.layer_idx] = 0
+            continue
+        if k_row % head_dim or k_rows % head_dim or q_row % head_dim or q_rows % head_dim:
+            raise ValueError(
+                f"layer {m.layer_idx}: this tensor-parallel rank holds k_proj rows [{k_row}, {k_row + k_rows}) and "
+                f"q_proj rows [{q_row}, {q_row + q_rows}), not whole heads of {head_dim}; pqpatch needs the KV "
+                f"heads split evenly across ranks (a tensor-parallel size that divides num_key_value_heads)"
+            )
+        hkv, hq = k_rows // head_dim, q_rows // head_dim
+        if hkv == 0 or hq % hkv or q_row // head_dim != (k_row // head_dim) * (hq // hkv):
+            raise ValueError(
+                f"layer {m.layer_idx}: this rank's query heads (from {q_row // head_dim}, {hq} of them) are not the "
+                f"GQA groups of its KV heads (from {k_row // head_dim}, {hkv} of them); shard q_proj and k_proj "
+                f"colwise with the same tensor-parallel size"
+            )
+        out[m.layer_idx] = k_row // head_dim
+    return out
+
+
 def patch_model(model: torch.nn.Module, config: PQCacheConfig | None = None) -> torch.nn.Module:
     """Patch `model` in place for PQCache decoding and return it.
 
@@ -106,6 +157,7 @@ def patch_model(model: torch.nn.Module, config: PQCacheConfig | None = None) -> 
             f"choose one of {[d for d in (1, 2, 4, 8, 16) if head_dim % d == 0]}"
         )
     pq_layers = _full_attention_layers(text)
+    offsets = kv_head_offsets(mods, head_dim)
 
     _register()
     from .attention import ATTN_NAME, cache_capture_hook
@@ -119,6 +171,7 @@ def patch_model(model: torch.nn.Module, config: PQCacheConfig | None = None) -> 
         pq_layers=pq_layers,
         attn_modules=mods,
         cache_kwarg="cache" if "cache" in fwd else "past_key_values",
+        kv_head_offsets=offsets,
     )
     for m in mods:
         state.hooks.append(m.register_forward_pre_hook(cache_capture_hook, with_kwargs=True))

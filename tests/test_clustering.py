@@ -18,7 +18,7 @@ def _slow_train(problems: int, seconds_each: float, started: threading.Event | N
     """A stand-in for train_pq that works through `problems` (head, sub-space) problems of fixed duration,
     polling `should_stop` between them like the real trainers."""
 
-    def train(keys, m, bits, iters, seed, use_faiss=None, *, where="", should_stop=None):
+    def train(keys, m, bits, iters, seed, use_faiss=None, *, where="", should_stop=None, **_):  # head_offset, ...
         if started is not None:
             started.set()
         for _ in range(problems):

@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--depth", type=_depth, default=0.5, help="relative position of the pass key (default 0.5)")
     d.add_argument("--model", default=None, help="a transformers checkpoint or .gguf file (default: Gemma-3-270M)")
     d.add_argument("--num-subspaces", type=int, default=None,
-                   help="PQCacheConfig.num_subspaces (demo default: head_dim // 16, i.e. 16 for Gemma-3)")
-    d.add_argument("--bits", type=int, default=None, help="PQCacheConfig.bits (demo default 8)")
+                   help="PQCacheConfig.num_subspaces (default: the library's, 2)")
+    d.add_argument("--bits", type=int, default=None, help="PQCacheConfig.bits (default: the library's, 8)")
     d.add_argument("--decode-threads", type=_int_at_least(0), default=1, help=_THREADS_HELP)
 
     e = sub.add_parser("eval", help="run an evaluation grid and write JSON + PNG results")
@@ -136,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(cheap: no new prefill); cells report mean ± sd")
     e.add_argument("--sink-tokens", type=int, default=None, help="PQCacheConfig.sink_tokens (default 32)")
     e.add_argument("--min-context", type=int, default=None, help="PQCacheConfig.min_context (default 1024)")
-    e.add_argument("--bits", type=int, default=None, help="PQCacheConfig.bits (default 6)")
+    e.add_argument("--bits", type=int, default=None, help="PQCacheConfig.bits (default 8)")
     e.add_argument("--num-subspaces", type=int, default=None, help="PQCacheConfig.num_subspaces (default 2)")
+    e.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other PQCacheConfig field for every method, e.g. --set weighted_kmeans=true (repeatable)")
     e.add_argument("--no-blockwise-prefill", action="store_true",
                    help="prefill sliding-window layers with one dense SDPA call (slower; same result)")
     e.add_argument("--decode-threads", type=_int_at_least(0), default=1, help=_THREADS_HELP)
@@ -149,7 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _base_config(args: argparse.Namespace) -> dict:
     fields = {"sink_tokens": args.sink_tokens, "min_context": args.min_context, "bits": args.bits,
               "num_subspaces": args.num_subspaces}
-    return {k: v for k, v in fields.items() if v is not None}
+    out = {k: v for k, v in fields.items() if v is not None}
+    if getattr(args, "set", None):
+        from .eval.engine import parse_method
+
+        try:
+            out.update(parse_method("pq:" + ":".join(args.set))[1])
+        except ValueError as e:
+            raise UsageError(f"--set: {e}") from None
+    return out
 
 
 class UsageError(Exception):

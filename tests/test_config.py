@@ -30,8 +30,8 @@ def test_every_field_has_a_bad_value_test():
 
 def test_frozen_and_defaults():
     cfg = PQCacheConfig()
-    assert (cfg.token_budget, cfg.sink_tokens, cfg.local_tokens, cfg.num_subspaces, cfg.bits) == (0.2, 32, 0.5, 2, 6)
-    assert cfg.num_centroids == 64
+    assert (cfg.token_budget, cfg.sink_tokens, cfg.local_tokens, cfg.num_subspaces, cfg.bits) == (0.2, 32, 0.5, 2, 8)
+    assert cfg.num_centroids == 256  # 8-bit codes: 2 bytes per token and KV head at m = 2
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.bits = 4
 

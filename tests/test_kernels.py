@@ -97,6 +97,8 @@ TOPK_CASES = [
     (3, 2, 4, 128, 2, 6, 1000, BF16, 250, "degenerate", torch.int64, 64, 4, 1.0),
     (1, 2, 4, 64, 2, 6, 1000, F32, 600, "full", torch.int32, 256, 2, 40.0),  # peaked: scores underflow to 0
     (1, 2, 4, 64, 1, 4, 1000, F32, 300, "inner", torch.int64, 256, 2, 1.0),  # 16 distinct keys: massive ties
+    (1, 1, 4, 256, 2, 8, 2048, BF16, 205, "full", torch.int64, None, None, 1.0),  # library default b=8, Gemma-3
+    (2, 2, 4, 128, 2, 8, 1500, F32, 150, "ragged", torch.int64, 256, 2, 1.0),  # default b=8, head dim 128
 ]
 
 
@@ -265,6 +267,7 @@ ASSIGN_CASES = [
     (1, 1, 17, 256, 1, 8, F32),
     (3, 1, 1000, 128, 4, 5, F32),
     (1, 2, 4096, 64, 2, 7, BF16),  # a prefill
+    (1, 1, 1, 256, 2, 8, BF16),  # library default b=8, Gemma-3 head dim
 ]
 
 

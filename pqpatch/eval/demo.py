@@ -115,12 +115,6 @@ class DemoPlan:
     depth: float
 
 
-def _default_subspaces(head_dim: int) -> int:
-    """The largest divisor of head_dim up to head_dim // 16 (16-dimensional sub-vectors where it divides)."""
-    cap = max(1, head_dim // 16)
-    return max(x for x in range(1, cap + 1) if head_dim % x == 0)
-
-
 def prepare_demo(
     model, tokenizer, length: int = 8192, budget: float | int = 0.2, depth: float = 0.5, seed: int = 0,
     **config_fields,
@@ -133,9 +127,8 @@ def prepare_demo(
 
     sample = passkey_sample(HFCodec(tokenizer), length, depth, seed=seed)
     hd = head_dim_of(model.config)
-    config_fields.setdefault("num_subspaces", _default_subspaces(hd))
-    config_fields.setdefault("bits", 8)
-    cfg = pqpatch.PQCacheConfig(token_budget=budget, **config_fields)
+    cfg = pqpatch.PQCacheConfig(token_budget=budget, **config_fields)  # the library defaults unless overridden
+    config_fields = {"num_subspaces": cfg.num_subspaces, "bits": cfg.bits, **config_fields}  # printed
     if hd % cfg.num_subspaces:
         raise ValueError(f"num_subspaces={cfg.num_subspaces} does not divide the model's head dim {hd}")
     return DemoPlan(model, tokenizer, sample, cfg, config_fields, budget, depth)
@@ -148,10 +141,8 @@ def run_demo(
 ) -> dict:
     """Run the demo and print its report to stdout (progress to stderr). Returns the numbers it printed.
 
-    config_fields: further `PQCacheConfig` fields (num_subspaces, bits, ...). Unless given, the demo uses
-    16-dimensional sub-vectors (num_subspaces = head_dim // 16, or the largest divisor of the head dim below
-    it) and bits=8: on Gemma-3's head dim 256 the
-    library default (m=2, b=6: 128-dimensional sub-vectors) misreads digits of the pass key (docs/results.md).
+    config_fields: further `PQCacheConfig` fields (num_subspaces, bits, ...); unless given, the library
+    defaults (see docs/results.md for how they were chosen).
     plan: a `prepare_demo` result (the model is loaded already; the other prompt and config arguments are
     ignored)."""
     import pqpatch

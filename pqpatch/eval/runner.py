@@ -138,7 +138,7 @@ def preflight(model: torch.nn.Module, codec: Codec, settings: EvalSettings) -> N
         divisors = [x for x in range(1, hd + 1) if hd % x == 0]
         raise ValueError(
             f"num_subspaces={m} does not divide the model's head dim {hd}; choose one of {divisors} "
-            f"(head_dim // 16 with bits=8 is a good start)"
+            f"(the default, 2, divides every usual head dim)"
         )
     shortest = min(settings.lengths)
     if settings.tasks[0] == "passkey":

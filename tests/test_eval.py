@@ -172,6 +172,11 @@ def test_blockwise_prefill_is_exact(monkeypatch):
     torch.testing.assert_close(l1, l2, atol=1e-4, rtol=1e-4)
     for a, b in zip(c1.layers, c2.layers):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-4, rtol=1e-4)
+        # the blockwise path must finish the prefill like the model's own (a sliding ring records its padding;
+        # otherwise the first decode step takes its 1-row mask for the prompt's)
+        assert getattr(b, "prefilled", True) and getattr(a, "prefilled", True)
+    # and decoding from the blockwise prefill equals decoding from the plain one
+    torch.testing.assert_close(engine._step(model, c1, 5), engine._step(model, c2, 5), atol=1e-4, rtol=1e-4)
     pqpatch.unpatch_model(model)
 
 

@@ -200,6 +200,9 @@ def _blockwise_attention(module, query, key, value, attention_mask, dropout=0.0,
             dropout, scaling, **kwargs,
         )
         outs.append(o)  # [B, block, H, Dv]
+    layer = cache.layers[module.layer_idx] if isinstance(cache, PQCache) else None
+    if getattr(layer, "prefilled", True) is False:  # what pqcache_attention_forward does after its own prefill
+        layer.after_prefill(attention_mask, query.shape[0], key.shape[2])
     return torch.cat(outs, dim=1), None
 
 

@@ -63,6 +63,7 @@ class PQLayer(StaticLayer):
         self._configure(config)
         self.start: torch.Tensor | None = None  # [B] first non-padding position
         self.prefill_len = 0  # tokens of the first forward (python int, set eagerly)
+        self.obs_attn: torch.Tensor | None = None  # [B, Hkv, prefill_len] observation-window attention
         self._clear()
 
     # ---- configuration (eager) -------------------------------------------------------------------------------
@@ -109,6 +110,7 @@ class PQLayer(StaticLayer):
         if self.start is not None:
             self.start.zero_()
         self.prefill_len = 0
+        self.obs_attn = None
         self.cancel()
         self._clear()
 
@@ -202,11 +204,29 @@ class PQLayer(StaticLayer):
         return self.keys[:, :, : n0 + t], self.values[:, :, : n0 + t]
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Forget the newest tokens (negative count, transformers' convention for static layers). Codes of
-        positions that re-enter the window are rewritten when they leave it again."""
-        super().crop(tokens_to_remove)
+        """Forget the newest |tokens_to_remove| tokens (transformers passes a negative count to static layers).
+        Codes of positions that re-enter the window are rewritten when they leave it again."""
+        if self.is_initialized:
+            self.cumulative_length.sub_(abs(int(tokens_to_remove)))
 
     # ---- prefill (eager) --------------------------------------------------------------------------------------
+    @torch.compiler.disable
+    def observe_prefill(self, query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor | None,
+                        scaling: float) -> None:
+        """Before `after_prefill` of the first prefill: record how much attention each prompt key gets from the
+        prompt's last `observation_window` queries (`obs_attn`, see `selection.observation_attention`), for
+        attention-weighted k-means and the "snapkv" selection. Kept with the layer, so forks reuse it.
+
+        query: [B, H, q, D] the prefill's queries; keys: [B, Hkv, n, D] the prompt's keys (what `update` returned).
+        """
+        if self.prefill_len or keys.shape[2] < self.cfg.min_context:
+            return  # a later multi-token step, or a short prompt that decodes densely
+        if not (self.cfg.weighted_kmeans or self.cfg.selection == "snapkv"):
+            return
+        from .selection import observation_attention
+
+        self.obs_attn = observation_attention(query, keys, attention_mask, scaling, self.cfg.observation_window)
+
     @torch.compiler.disable
     def after_prefill(self, attention_mask: torch.Tensor | None, batch: int) -> None:
         """Called once the layer's exact attention over a multi-token input is done.
@@ -237,9 +257,14 @@ class PQLayer(StaticLayer):
             self.codes = torch.zeros(b, h, self.max_cache_len, m, dtype=torch.uint8, device=self.device)
             torch._dynamo.mark_static_address(self.centroids)
             torch._dynamo.mark_static_address(self.codes)
+            weights = None
+            if c.weighted_kmeans and self.obs_attn is not None:
+                from .selection import kmeans_weights
+
+                weights = kmeans_weights(self.obs_attn)  # [B, Hkv, prefill_len]
             self.future = self.pool.submit(
                 self.keys, lo, hi, c.num_subspaces, c.bits, c.kmeans_iters, c.seed, ready=self._host_ready(),
-                layer=self.layer_idx, head_offset=self.head_offset,
+                layer=self.layer_idx, head_offset=self.head_offset, weights=weights,
             )
         elif self.cfg.selection == "quest":
             self.pages = QuestPages(self.keys, self.cfg.quest_page_tokens)
@@ -382,7 +407,7 @@ class PQCache(StaticCache):
             if i in state.pq_layers:
                 self.layers[i] = layer_cls(max_cache_len, i, state.config, state.pool, context_len)
                 self.layers[i].head_offset = state.kv_head_offsets.get(i, 0)
-            elif getattr(layer, "is_sliding", False) and hasattr(layer, "_is_croppable"):
+            elif getattr(layer, "is_sliding", False) and isinstance(layer, StaticLayer):
                 window = layer.max_cache_len  # transformers sized it min(window, max_cache_len)
                 self.layers[i] = SlidingLayer(window, max_cache_len)
         self.pq_config = state.config

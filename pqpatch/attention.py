@@ -48,6 +48,7 @@ def pqcache_attention_forward(
         return layer.decode(query, scaling), None
     out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if not layer.prefill_len:
+        layer.observe_prefill(query, key, attention_mask, scaling)  # observation window (weighted k-means, snapkv)
         layer.after_prefill(attention_mask, batch)  # the first forward only (1-token prompts too)
     return out
 

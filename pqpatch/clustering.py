@@ -100,6 +100,7 @@ class ClusterPool:
         *,
         layer: int | None = None,
         head_offset: int = 0,
+        weights: torch.Tensor | None = None,
     ) -> Future:
         """Cluster keys[b, :, lo[b]:hi] of every sequence b. keys: [B, Hkv, N, D] on any device.
 
@@ -107,7 +108,8 @@ class ClusterPool:
         event instead of copying them. `layer`: named in errors (e.g. non-finite keys). `head_offset`: global
         index of keys' first KV head (a tensor-parallel rank holds heads head_offset.. head_offset + Hkv - 1);
         k-means seeds by the global head, so every rank's codebooks equal a single process's. Returns a Future
-        of `Codebook`; hand it to `cancel` if it will never be collected.
+        of `Codebook`; hand it to `cancel` if it will never be collected. `weights`: [B, Hkv, N] per-key k-means
+        weights (attention-weighted k-means), positions as in keys; None: unweighted.
         """
         src = keys[:, :, : max(hi, 0)]
         if ready is not None:
@@ -121,6 +123,16 @@ class ClusterPool:
             ready.record(torch.cuda.current_stream(src.device))
         else:
             host, ready = src.clone(), None  # the buffer is written in place later: take a copy
+        wts, wready = None, None
+        if weights is not None:  # small ([B, Hkv, hi]): copied like the keys, never read in place
+            wsrc = weights[:, :, : max(hi, 0)]
+            if wsrc.device.type == "cuda":
+                wts = torch.empty(wsrc.shape, dtype=torch.float32, pin_memory=True)
+                wts.copy_(wsrc, non_blocking=True)
+                wready = torch.cuda.Event()
+                wready.record(torch.cuda.current_stream(wsrc.device))
+            else:
+                wts = wsrc.float().clone()
         stop = threading.Event()
         use_faiss = codebook.default_use_faiss()  # decided once per job: the Codebook names what really ran
         where = f"layer {layer}" if layer is not None else "a layer"
@@ -128,6 +140,8 @@ class ClusterPool:
         def job() -> Codebook:
             if ready is not None:
                 ready.synchronize()
+            if wready is not None:
+                wready.synchronize()
             rows = [host[b, :, lo[b] : max(hi, lo[b])] for b in range(host.shape[0])]  # [Hkv, n_b, D] each
             books = []
             for b, x in enumerate(rows):
@@ -135,7 +149,8 @@ class ClusterPool:
                     raise ClusteringStopped()
                 books.append(train_pq(x, num_subspaces, bits, iters, seed, use_faiss,
                                       where=f"{where}, sequence {b}", should_stop=stop.is_set,
-                                      head_offset=head_offset))
+                                      head_offset=head_offset,
+                                      **({} if wts is None else {"weights": wts[b, :, lo[b] : max(hi, lo[b])]})))
             # A heavily left-padded sequence may have fewer training keys than centroids (none at all, even):
             # its codebook would be nearly flat. Borrow the codebook of the sequence with the most keys (same
             # layer and heads, so the same key distribution) and code its own keys with it.

@@ -122,25 +122,32 @@ def _assign(x: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans_torch(
-    x: torch.Tensor, k: int, iters: int, seed: int, should_stop: Callable[[], bool] | None = None
+    x: torch.Tensor, k: int, iters: int, seed: int, should_stop: Callable[[], bool] | None = None,
+    *, weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched Lloyd k-means. x: [P, n, Ds] float32 -> (centroids [P, K, Ds], codes [P, n] uint8).
 
     All problems advance together, so `should_stop` (raises `ClusteringStopped` when it returns True) is
-    checked between iterations."""
+    checked between iterations. weights: [P, n] > 0 per-point weights (None: all 1); a centroid is the
+    weighted mean of its points, i.e. the objective is sum_i w_i |x_i - c(x_i)|^2."""
     x = x.float()
     p, n, ds = x.shape
     if n <= k:
         return _degenerate(x, k)
     g = torch.Generator().manual_seed(seed)
-    init = torch.randperm(n, generator=g)[:k]
-    cent = x[:, init].clone()  # [P, K, Ds]
+    if weights is None:
+        init = torch.randperm(n, generator=g)[:k]
+        cent = x[:, init].clone()  # [P, K, Ds]
+    else:  # seed the centroids where the weight is (a uniform sample would rarely start on a few heavy points)
+        init = torch.multinomial(weights.float(), k, replacement=False, generator=g)  # [P, K]
+        cent = torch.gather(x, 1, init[..., None].expand(p, k, ds)).clone()
     for _ in range(iters):
         if should_stop is not None and should_stop():
             raise ClusteringStopped()
         a = _assign(x, cent)  # [P, n]
-        sums = torch.zeros(p, k, ds).scatter_add_(1, a[..., None].expand(p, n, ds), x)
-        counts = torch.zeros(p, k).scatter_add_(1, a, torch.ones(p, n))
+        wx = x if weights is None else x * weights[..., None]
+        sums = torch.zeros(p, k, ds).scatter_add_(1, a[..., None].expand(p, n, ds), wx)
+        counts = torch.zeros(p, k).scatter_add_(1, a, torch.ones(p, n) if weights is None else weights)
         # empty clusters keep their previous centroid instead of collapsing to zero
         cent = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], cent)
     return cent, _assign(x, cent).to(torch.uint8)
@@ -148,12 +155,13 @@ def kmeans_torch(
 
 def kmeans_faiss(
     x: torch.Tensor, k: int, iters: int, seed: int, should_stop: Callable[[], bool] | None = None,
-    *, first_problem: int = 0,
+    *, first_problem: int = 0, weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """faiss.Kmeans per problem (faiss releases the GIL, so pool threads run in parallel). Same contract;
     `should_stop` is checked before each problem. Problem i is seeded with seed + first_problem + i:
     `first_problem` is the global index of x[0] when x holds only some heads (a tensor-parallel rank), so a head
-    gets the same codebook whichever rank clusters it."""
+    gets the same codebook whichever rank clusters it. weights: [P, n] per-point weights (faiss's weighted
+    k-means; None: unweighted)."""
     import faiss
 
     x = x.float()
@@ -170,7 +178,14 @@ def kmeans_faiss(
         # faiss takes the seed as a C int: wrap seed + i (seed <= 2**31 - 1, PQCacheConfig checks it)
         km = faiss.Kmeans(ds, k, niter=iters, seed=(seed + first_problem + i) % 2**31, verbose=False,
                           min_points_per_centroid=1)
-        km.train(pts)
+        if weights is None:
+            km.train(pts)
+        else:  # weighted Lloyd, started from centroids sampled by weight (as kmeans_torch does): faiss's uniform
+            # sample would rarely start on the few keys that carry most of the weight
+            wi = np.ascontiguousarray(weights[i].numpy(), "float32")
+            rng = np.random.default_rng((seed + first_problem + i) % 2**31)
+            init = rng.choice(n, size=k, replace=False, p=wi / wi.sum())
+            km.train(pts, weights=wi, init_centroids=np.ascontiguousarray(pts[init]))
         _, a = km.index.search(pts, 1)
         cent[i] = torch.from_numpy(km.centroids)
         codes[i] = torch.from_numpy(a[:, 0].astype(np.uint8))
@@ -186,6 +201,7 @@ def inertia(x: torch.Tensor, cent: torch.Tensor, codes: torch.Tensor) -> float:
 def train_pq(
     keys: torch.Tensor, num_subspaces: int, bits: int, iters: int, seed: int, use_faiss: bool | None = None,
     *, where: str = "", should_stop: Callable[[], bool] | None = None, head_offset: int = 0,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train one sequence's codebooks.
 
@@ -198,6 +214,8 @@ def train_pq(
     magnitude are rescaled for clustering (module docstring).
     head_offset: global index of keys[0]'s KV head (tensor parallel: the rank's first head). Problem (h, j) is
     seeded by its global index (head_offset + h) * m + j, so a rank's codebooks equal a single process's.
+    weights: [Hkv, n] > 0, how much each training key counts (attention-weighted k-means: keys the queries
+    attend to pull centroids towards them); every sub-space of a head shares its key's weight. None: all 1.
     """
     h, n, d = keys.shape
     m = num_subspaces
@@ -207,12 +225,17 @@ def train_pq(
     x = keys.float().reshape(h, n, m, ds).permute(0, 2, 1, 3).reshape(h * m, n, ds).contiguous()
     _check_finite(x, where)
     x, scale = _rescale(x)
+    w = None
+    if weights is not None:
+        if tuple(weights.shape) != (h, n):
+            raise ValueError(f"k-means weights must be [Hkv, n] = {(h, n)}, got {tuple(weights.shape)}")
+        w = weights.float().repeat_interleave(m, dim=0).contiguous()  # [Hkv * m, n]: problem order (h, j)
     if use_faiss is None:
         use_faiss = default_use_faiss()
     if use_faiss:
-        cent, codes = kmeans_faiss(x, k, iters, seed, should_stop, first_problem=head_offset * m)
+        cent, codes = kmeans_faiss(x, k, iters, seed, should_stop, first_problem=head_offset * m, weights=w)
     else:  # one initial sample (seeded once) serves every problem: the result does not depend on the offset
-        cent, codes = kmeans_torch(x, k, iters, seed, should_stop)
+        cent, codes = kmeans_torch(x, k, iters, seed, should_stop, weights=w)
     if scale is not None:
         cent = cent * scale
     return cent.reshape(h, m, k, ds), codes.reshape(h, m, n).permute(0, 2, 1).contiguous()

@@ -43,6 +43,10 @@ class PQCacheConfig:
         cache.
     quest_page_tokens: page size of the "quest" selection.
     cache_block_tokens, gpu_cache_tokens, cache_policy: the offload block cache (block size, capacity, "lfu"/"lru").
+    weighted_kmeans: attention-weighted k-means: each training key counts 1 + N x the mean softmax attention it
+        gets from the prompt's last `observation_window` queries (N: prompt length), so the centroids resolve
+        the keys queries actually hit.
+    observation_window: how many of the prompt's last queries observe the keys (weighted_kmeans, "snapkv").
     """
 
     token_budget: float | int = 0.2
@@ -61,6 +65,8 @@ class PQCacheConfig:
     cache_block_tokens: int = 64
     gpu_cache_tokens: int = 2048
     cache_policy: str = "lfu"
+    weighted_kmeans: bool = False
+    observation_window: int = 64
 
     def __post_init__(self) -> None:
         tb = self.token_budget
@@ -107,6 +113,10 @@ class PQCacheConfig:
             raise ValueError(f"cache_block_tokens must be an int >= 1, got {self.cache_block_tokens!r}")
         if not _is_int(self.gpu_cache_tokens) or self.gpu_cache_tokens < 0:
             raise ValueError(f"gpu_cache_tokens must be an int >= 0, got {self.gpu_cache_tokens!r}")
+        if not isinstance(self.weighted_kmeans, bool):
+            raise ValueError(f"weighted_kmeans must be True or False, got {self.weighted_kmeans!r}")
+        if not _is_int(self.observation_window) or self.observation_window < 1:
+            raise ValueError(f"observation_window must be an int >= 1, got {self.observation_window!r}")
         if self.cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, got {self.cache_policy!r}")
 

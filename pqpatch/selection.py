@@ -20,7 +20,55 @@ import torch
 from . import kernels
 from .kernels.reference import group_softmax_scores
 
-__all__ = ["QuestPages", "select"]
+__all__ = ["QuestPages", "select", "observation_attention", "kmeans_weights"]
+
+
+@torch.no_grad()  # a statistic of the prefill, never part of a gradient
+def observation_attention(
+    query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, window: int
+) -> torch.Tensor:
+    """Mean softmax attention each key receives from the prompt's last `window` queries (SnapKV's "observation
+    window"), averaged over the window and the G query heads of its KV head.
+
+    query: [B, H, q, D] (the prefill's rotated queries, q >= 1); keys: [B, Hkv, n, D] (the whole prompt, n >= q,
+    the last q of them belong to these queries); attention_mask: the 4D mask the prefill attention got
+    ([B or 1, 1, q, >= n], bool or additive) or None (causal, no padding). Returns [B, Hkv, n] float32, each row
+    summing to 1 (0 on masked positions). Cost: window x n dot products per query head, in chunks of query rows
+    so the [.., rows, n] logits stay below ~128 MB at 128K-token prompts.
+    """
+    b, hq, q, d = query.shape
+    hkv, n = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    w = max(1, min(window, q))
+    k = keys.float()
+    out = torch.zeros(b, hkv, n, dtype=torch.float32, device=keys.device)
+    rows = max(1, (1 << 25) // max(1, hq * n * b))
+    pos = torch.arange(n, device=keys.device)
+    for r0 in range(q - w, q, rows):
+        r1 = min(r0 + rows, q)
+        qq = query[:, :, r0:r1].float().reshape(b, hkv, g, r1 - r0, d)
+        logits = torch.einsum("bhgrd,bhnd->bhgrn", qq, k) * scaling  # [B, Hkv, G, r, n]
+        qpos = (n - q) + torch.arange(r0, r1, device=keys.device)  # absolute positions of these query rows
+        allowed = pos[None, :] <= qpos[:, None]  # [r, n] causal
+        if attention_mask is not None:
+            m = attention_mask[:, 0, r0:r1, :n]  # [B or 1, r, n]
+            ok = m if m.dtype == torch.bool else m == 0
+            allowed = allowed[None] & ok  # [B or 1, r, n]
+            logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+        else:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a fully masked row (padding query) adds nothing
+        out += p.sum(dim=(2, 3))
+    return out / (w * g)
+
+
+def kmeans_weights(attention: torch.Tensor, strength: float | None = None) -> torch.Tensor:
+    """Per-key k-means weights from observation-window attention [B, Hkv, n]: 1 + N * attention, N = n unless
+    `strength` says otherwise. Why 1 + N x: a key with average attention (1/N) counts twice, one the window
+    ignores still counts once (it may matter to later queries), and the keys the queries actually hit pull the
+    centroids towards themselves, so the codebook spends its resolution where top-k decisions are made."""
+    n = attention.shape[-1] if strength is None else strength
+    return 1.0 + n * attention
 
 
 class QuestPages:

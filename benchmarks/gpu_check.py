@@ -98,6 +98,9 @@ def _bench_gates_summary(output: str) -> list[str]:
 
 STEPS: list[Step] = [
     Step("kernel_tests", [PY, "-m", "pytest", "-m", "gpu or triton", "-x", "-q", "tests/"], 200, _pytest_summary),
+    # a model split over 2 GPUs decodes like one GPU, kernels on a non-current GPU (skipped with fewer than 2 GPUs)
+    Step("multi_gpu", [PY, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
+                       "tests/test_multigpu.py"], 180, _pytest_summary),
     Step("bench_kernels", [PY, "benchmarks/bench_kernels.py", "--out", str(RESULTS / "bench_kernels.json")], 120,
          _bench_kernels_summary),
     # 4 of the 32 layers keep the step inside the 5-minute budget; per-token times scale with the layer count

@@ -88,6 +88,28 @@ def _check_float(name: str, t: torch.Tensor, ndim: int) -> None:
     _check(t.dtype in _FLOATS, f"{name} must be float32/float16/bfloat16, got {t.dtype}")
 
 
+def _on_tensor_device(launcher):
+    """Run `launcher` under the CUDA device of its first argument (the query, or the keys of `pq_assign`).
+
+    Triton launches a kernel on `torch.cuda.current_device()` and that device's current stream. With a device map
+    over several GPUs, accelerate moves a layer's inputs to the layer's GPU but leaves the current device alone,
+    so without this guard a layer on cuda:1 would launch on cuda:0 (an invalid-pointer error, or unordered with
+    cuda:1's work where peer access lets it run). Switching to the device the process is already on is free,
+    and a device switch is a host-side call, so the guard is also safe while a CUDA graph is being captured.
+    """
+
+    @functools.wraps(launcher)
+    def launch(first, *args, **kwargs):
+        device = getattr(first, "device", None)
+        if device is None or device.type != "cuda":
+            return launcher(first, *args, **kwargs)  # CPU under TRITON_INTERPRET, or a bad argument it reports
+        with torch.cuda.device(device):
+            return launcher(first, *args, **kwargs)
+
+    launch._pqpatch_device_guard = True  # tests check every public launcher has it
+    return launch
+
+
 def _check_device(device: torch.device, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         _check(t.device == device, f"{name} is on {t.device} but the query is on {device}")
@@ -95,6 +117,7 @@ def _check_device(device: torch.device, **tensors: torch.Tensor) -> None:
            f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}")
 
 
+@_on_tensor_device
 def pq_topk_triton(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor,
                    hi: torch.Tensor, k: int, scaling: float, *, block_n: int | None = None,
                    programs_per_row: int | None = None) -> torch.Tensor:
@@ -168,6 +191,7 @@ def pq_topk_triton(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Te
     return out
 
 
+@_on_tensor_device
 def pq_assign_triton(keys: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Nearest-centroid codes. keys: [B, Hkv, T, D] float; centroids: [B, Hkv, m, K, Ds] float, K <= 256.
     Returns codes [B, Hkv, T, m] uint8 (see `kernels._triton.pq_assign`)."""
@@ -192,6 +216,7 @@ def pq_assign_triton(keys: torch.Tensor, centroids: torch.Tensor) -> torch.Tenso
     return codes
 
 
+@_on_tensor_device
 def sparse_decode_attention_triton(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                                    idx: torch.Tensor, scaling: float, *, block_s: int | None = None,
                                    splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,6 +93,7 @@ class PQLayer(StaticLayer):
         self.centroids: torch.Tensor | None = None  # [B, Hkv, m, K, Ds] float32
         self.codes: torch.Tensor | None = None  # [B, Hkv, max_len, m] uint8
         self.pages: QuestPages | None = None
+        self.snap_idx: torch.Tensor | None = None  # [B, Hkv, topk_slots] the "snapkv" selection
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -221,8 +222,8 @@ class PQLayer(StaticLayer):
         """
         if self.prefill_len or keys.shape[2] < self.cfg.min_context:
             return  # a later multi-token step, or a short prompt that decodes densely
-        if not (self.cfg.weighted_kmeans or self.cfg.selection == "snapkv"):
-            return
+        # computed whatever this config uses, so a fork with weighted k-means or "snapkv" finds it: window x n dot
+        # products per head, a small share (window / prompt length) of the prefill's own attention
         from .selection import observation_attention
 
         self.obs_attn = observation_attention(query, keys, attention_mask, scaling, self.cfg.observation_window)
@@ -268,6 +269,15 @@ class PQLayer(StaticLayer):
             )
         elif self.cfg.selection == "quest":
             self.pages = QuestPages(self.keys, self.cfg.quest_page_tokens)
+        elif self.cfg.selection == "snapkv":
+            if self.obs_attn is None:
+                raise ValueError("selection 'snapkv' needs the prefill's attention (PQLayer.observe_prefill), which "
+                                 "the patched attention function records; this layer was prefilled without it")
+            from .selection import snapkv_indices
+
+            # fixed for the whole decode: allocated once, read (never written) by every step
+            self.snap_idx = snapkv_indices(self.obs_attn, self.start + self.sink, hi, self.topk, self.topk_slots)
+            torch._dynamo.mark_static_address(self.snap_idx)
 
     def _host_ready(self) -> torch.cuda.Event | None:
         """Event after which `self.keys` may be read on the host (offloaded layers); None here."""
@@ -324,7 +334,7 @@ class PQLayer(StaticLayer):
             self.pages.update(self.keys, self.start, max(int(hi), 0))
         top = select(
             self.cfg.selection, query, lo, hi_b, self.topk_slots, scaling, keys=self.keys, centroids=self.centroids,
-            codes=self.codes, pages=self.pages, backend=self.cfg.backend,
+            codes=self.codes, pages=self.pages, fixed=self.snap_idx, backend=self.cfg.backend,
         )  # [B, Hkv, k_slots]
         if self.topk_slots > self.topk:
             top = _keep_first(top, topk_n)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 __all__ = ["UsageError", "build_parser", "main", "parse_length", "parse_budget"]
 
-_METHODS = ("dense", "pq", "oracle", "streaming", "quest")
+_METHODS = ("dense", "pq", "oracle", "streaming", "quest", "snapkv")
 _TASKS = ("passkey", "niah", "kl", "recall")
 _VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 _THREADS_HELP = "torch threads while decoding on CPU (default 1: steadier on a busy machine; 0: leave as is)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SELECTIONS = ("pq", "oracle", "streaming", "quest")
+SELECTIONS = ("pq", "oracle", "streaming", "quest", "snapkv")
 BACKENDS = ("auto", "torch", "cpu", "triton")
 CACHE_POLICIES = ("lfu", "lru")
 SEED_MAX = 2**31 - 1  # faiss takes the k-means seed as a C int
@@ -37,7 +37,8 @@ class PQCacheConfig:
     num_threads: clustering thread-pool size (None: min(4, CPU count)).
     min_context: prompts shorter than this stay fully dense.
     selection: "pq" (PQCache), "oracle" (exact top-k: the upper bound), "streaming" (sink + local only),
-        "quest" (pages scored by the per-channel min/max bound).
+        "quest" (pages scored by the per-channel min/max bound), "snapkv" (eviction baseline: the top-k tokens by
+        the attention of the prompt's last `observation_window` queries, chosen once at prefill and then fixed).
     backend: "auto" (Triton on CUDA, else PyTorch), "torch", "triton".
     offload: keep the middle of the KV cache in (pinned) CPU memory, fetch selected tokens through a GPU block
         cache.
@@ -47,6 +48,9 @@ class PQCacheConfig:
         gets from the prompt's last `observation_window` queries (N: prompt length), so the centroids resolve
         the keys queries actually hit.
     observation_window: how many of the prompt's last queries observe the keys (weighted_kmeans, "snapkv").
+    sink_in_budget: True (default): the budget counts the sink tokens, so every method attends exactly
+        `token_budget` tokens (sink + top-k + window). False: the official PQCache composition, sink tokens on top
+        of the budget and the budget split between top-k and window by `local_tokens`.
     """
 
     token_budget: float | int = 0.2
@@ -67,6 +71,7 @@ class PQCacheConfig:
     cache_policy: str = "lfu"
     weighted_kmeans: bool = False
     observation_window: int = 64
+    sink_in_budget: bool = True
 
     def __post_init__(self) -> None:
         tb = self.token_budget
@@ -115,6 +120,8 @@ class PQCacheConfig:
             raise ValueError(f"gpu_cache_tokens must be an int >= 0, got {self.gpu_cache_tokens!r}")
         if not isinstance(self.weighted_kmeans, bool):
             raise ValueError(f"weighted_kmeans must be True or False, got {self.weighted_kmeans!r}")
+        if not isinstance(self.sink_in_budget, bool):
+            raise ValueError(f"sink_in_budget must be True or False, got {self.sink_in_budget!r}")
         if not _is_int(self.observation_window) or self.observation_window < 1:
             raise ValueError(f"observation_window must be an int >= 1, got {self.observation_window!r}")
         if self.cache_policy not in CACHE_POLICIES:
@@ -128,10 +135,20 @@ class PQCacheConfig:
         """(sink, local, top-k) token counts for a cache built for `context_len` tokens.
 
         The three add up to min(budget, context_len) except that sink and local always get their share first:
-        the budget is never smaller than sink + local + 0.
+        the budget is never smaller than sink + local + 0. With `sink_in_budget=False` the sink comes on top:
+        the three add up to min(sink_tokens + budget, context_len).
         """
         tb = self.token_budget
         budget = math.ceil(tb * context_len) if isinstance(tb, float) else tb
+        if not self.sink_in_budget:
+            sink = min(self.sink_tokens, context_len)
+            budget = min(budget, context_len - sink)
+            lt = self.local_tokens
+            local = math.ceil(lt * budget) if isinstance(lt, float) else lt
+            local = max(1, min(local, budget)) if budget else 0
+            if local == 0 and sink:  # the newest token is always attended: it takes a sink slot's place
+                sink, local = sink - 1, 1
+            return sink, local, max(0, budget - local)
         budget = min(budget, context_len)
         lt = self.local_tokens
         local = math.ceil(lt * budget) if isinstance(lt, float) else lt

@@ -7,6 +7,8 @@ policy (per-head softmax over candidates, summed over the group; see `kernels.re
 - "pq": PQ scores through codes and centroids (the PQCache method).
 - "oracle": exact scores with the real keys (an upper bound for evaluation; reads every key).
 - "streaming": no selection; the budget goes to the local window (StreamingLLM). k is 0 by construction.
+- "snapkv": eviction baseline (SnapKV): the k tokens with the most attention from the prompt's last queries,
+  chosen once at prefill and fixed for the whole decode (`snapkv_indices`).
 - "quest": pages of `quest_page_tokens` tokens scored by sum_d max(q_d min_d, q_d max_d) over the page's
   per-channel key minima/maxima (Quest); the best k // page pages are taken whole.
 """
@@ -20,7 +22,7 @@ import torch
 from . import kernels
 from .kernels.reference import group_softmax_scores
 
-__all__ = ["QuestPages", "select", "observation_attention", "kmeans_weights"]
+__all__ = ["QuestPages", "select", "observation_attention", "kmeans_weights", "snapkv_indices"]
 
 
 @torch.no_grad()  # a statistic of the prefill, never part of a gradient
@@ -60,6 +62,22 @@ def observation_attention(
         p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a fully masked row (padding query) adds nothing
         out += p.sum(dim=(2, 3))
     return out / (w * g)
+
+
+def snapkv_indices(attention: torch.Tensor, lo: torch.Tensor, hi: int, k: int, slots: int) -> torch.Tensor:
+    """The "snapkv" selection, made once at prefill: per KV head, the k candidates lo[b] <= n < hi with the most
+    observation-window attention (`observation_attention`), best first, padded with -1 to `slots` entries.
+
+    attention: [B, Hkv, n] float32; lo: [B] (device); hi: python int. Returns [B, Hkv, slots] int64.
+    """
+    b, h, n = attention.shape
+    pos = torch.arange(n, device=attention.device)
+    cand = (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi)  # [B, n]
+    score = attention.masked_fill(~cand[:, None, :], float("-inf"))
+    kk = min(k, n)
+    vals, idx = torch.topk(score, kk, dim=-1, sorted=True) if kk else (score[..., :0], pos[:0].expand(b, h, 0))
+    idx = torch.where(torch.isfinite(vals), idx, -1)
+    return torch.nn.functional.pad(idx, (0, slots - kk), value=-1)
 
 
 def kmeans_weights(attention: torch.Tensor, strength: float | None = None) -> torch.Tensor:
@@ -142,10 +160,13 @@ def select(
     centroids: torch.Tensor | None = None,
     codes: torch.Tensor | None = None,
     pages: QuestPages | None = None,
+    fixed: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dispatch to a policy. query: [B, Hkv, G, D]; lo, hi: [B]. Returns idx [B, Hkv, k] int64."""
     b, h = query.shape[:2]
+    if selection == "snapkv":  # chosen at prefill (`snapkv_indices`, [B, Hkv, k]); read, never recomputed
+        return fixed
     if k == 0 or selection == "streaming":
         return torch.full((b, h, k), -1, dtype=torch.long, device=query.device)
     if selection == "pq":

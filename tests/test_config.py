@@ -14,6 +14,8 @@ BAD = [
     ("kmeans_iters", 0), ("seed", 0.5), ("seed", -1), ("seed", 2**31), ("seed", 2**64), ("num_threads", 0), ("num_threads", 2.0), ("min_context", 0),
     ("selection", "random"), ("selection", "PQ"), ("backend", "cuda"), ("offload", 1), ("quest_page_tokens", 0),
     ("cache_block_tokens", 0), ("gpu_cache_tokens", -1), ("cache_policy", "fifo"),
+    ("weighted_kmeans", 1), ("weighted_kmeans", None), ("observation_window", 0), ("observation_window", 8.0),
+    ("sink_in_budget", "no"),
 ]
 
 

@@ -10,7 +10,7 @@ from pqpatch import PQCacheConfig
 from pqpatch.cache import PQLayer
 from pqpatch.clustering import ClusterPool
 from pqpatch.codebook import faiss_available, kmeans_torch, train_pq
-from pqpatch.selection import kmeans_weights, observation_attention
+from pqpatch.selection import kmeans_weights, observation_attention, snapkv_indices
 
 TRAINERS = [False] + ([True] if faiss_available() else [])
 
@@ -148,7 +148,8 @@ def test_prefill_records_observation_and_trains_weighted(monkeypatch):
             assert got and got[0] is not None
             torch.testing.assert_close(got[0], kmeans_weights(layer.obs_attn)[0, :, lo:hi])
         else:
-            assert layer.obs_attn is None and got and got[0] is None
+            # recorded anyway (a weighted or "snapkv" fork needs it), but not used
+            assert layer.obs_attn is not None and got and got[0] is None
 
 
 def test_weighted_kmeans_config_is_validated():
@@ -156,3 +157,99 @@ def test_weighted_kmeans_config_is_validated():
         PQCacheConfig(weighted_kmeans=1)
     with pytest.raises(ValueError, match="observation_window"):
         PQCacheConfig(observation_window=0)
+
+
+# ---- snapkv (eviction baseline) -------------------------------------------------------------------------------
+def test_snapkv_indices_take_the_most_attended_candidates():
+    att = torch.tensor([[[0.30, 0.01, 0.20, 0.05, 0.25, 0.10, 0.09]]])  # [B=1, Hkv=1, n=7]
+    idx = snapkv_indices(att, torch.tensor([1]), 6, 3, 5)  # candidates 1..5 (0 is a sink, 6 the window)
+    assert idx.tolist() == [[[4, 2, 5, -1, -1]]]
+    idx = snapkv_indices(att, torch.tensor([4]), 6, 3, 3)  # only 2 candidates: the rest stays empty
+    assert idx.tolist() == [[[4, 5, -1]]]
+
+
+def _gen(model, ids, **kw):
+    return model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, **kw)
+
+
+def test_snapkv_selection_is_fixed_at_prefill_and_full_budget_is_dense():
+    """Every decode step of every layer attends the same top-k tokens: those with the most observation-window
+    attention at prefill (checked against the brute-force observation attention); at token_budget=1.0 the model
+    equals the unpatched one."""
+    from pqpatch.cache import PQCache
+
+    model = tiny_model("llama", layers=2)
+    ids = torch.randint(1, 96, (1, 120))
+    dense = _gen(model, ids)
+    cfg = PQCacheConfig(token_budget=1.0, selection="snapkv", min_context=16, sink_tokens=4, local_tokens=8)
+    pqpatch.patch_model(model, cfg)
+    try:
+        assert torch.equal(_gen(model, ids), dense)
+    finally:
+        pqpatch.unpatch_model(model)
+    cfg = PQCacheConfig(token_budget=40, selection="snapkv", min_context=16, sink_tokens=4, local_tokens=8,
+                        observation_window=8)
+    pqpatch.patch_model(model, cfg)
+    seen = {}
+    try:
+        cache = PQCache(model, max_cache_len=140)
+        cache.add_observer(lambda layer, q, idx, s: seen.setdefault(layer.layer_idx, []).append(idx[:, :, 4:32]))
+        with torch.no_grad():
+            out = model(ids, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            for _ in range(5):
+                tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        for layer in cache.pq_layers():
+            steps = seen[layer.layer_idx]
+            assert len(steps) == 5 and all(torch.equal(s, steps[0]) for s in steps)  # fixed
+            lo, hi = 4, 120 - 8
+            want = layer.obs_attn[0, :, lo:hi].topk(28, dim=-1).indices + lo  # [Hkv, 28]
+            assert torch.equal(steps[0][0].sort(-1).values, want.sort(-1).values)
+    finally:
+        pqpatch.unpatch_model(model)
+
+
+def test_snapkv_compiles_whole():
+    """The fixed selection is a preallocated tensor: generate() with a fullgraph compile config gives eager's
+    tokens with one graph."""
+    from transformers import CompileConfig
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    class Backend:
+        def __call__(self, gm, ex):
+            return backend(gm, ex)
+
+        def __deepcopy__(self, memo):
+            return self
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 96, (1, 56))
+    pqpatch.patch_model(model, PQCacheConfig(token_budget=0.3, selection="snapkv", sink_tokens=4, local_tokens=8,
+                                             min_context=16))
+    try:
+        eager = _gen(model, ids)
+        cc = CompileConfig(fullgraph=True, dynamic=False, backend=Backend(), mode=None)
+        cc._compile_all_devices = True
+        assert torch.equal(_gen(model, ids, compile_config=cc), eager)
+        assert len(graphs) == 1
+        assert pqpatch.stats(model).steps > 0
+    finally:
+        pqpatch.unpatch_model(model)
+        model.__dict__.pop("_compiled_call", None)
+
+
+# ---- the budget split -----------------------------------------------------------------------------------------
+def test_sink_on_top_of_the_budget_is_the_official_composition():
+    ours = PQCacheConfig(token_budget=0.05)
+    official = PQCacheConfig(token_budget=0.05, sink_in_budget=False)
+    assert ours.budget_split(2056) == (32, 52, 19)  # 103 tokens in all
+    assert official.budget_split(2056) == (32, 52, 51)  # 32 sink + 103 split half and half
+    assert official.budget_split(40) == (32, 1, 1)  # ceil(0.05 * 40) = 2 tokens on top of the sink
+    assert official.budget_split(1) == (0, 1, 0)  # the newest token first
+    with pytest.raises(ValueError, match="sink_in_budget"):
+        PQCacheConfig(sink_in_budget="no")

@@ -26,7 +26,7 @@ from .tasks import NIAH_VARIANTS, Codec, niah_sample, passkey_sample, score_answ
 __all__ = ["TASKS", "METHODS", "EvalSettings", "format_length", "machine_info", "preflight", "run_eval"]
 
 TASKS = ("passkey", "niah", "kl", "recall")
-METHODS = ("dense", "pq", "oracle", "streaming", "quest")
+METHODS = ("dense", "pq", "oracle", "streaming", "quest", "snapkv")
 
 
 @dataclass

@@ -164,12 +164,12 @@ def _split_model(tmp_path, offload: bool):
 
 def _run(model, ids, config):
     import pqpatch
-    from pqpatch.cache import PQCache
+    from pqpatch.cache import PQCache, bucket_length
 
     sel: list = []
     pqpatch.patch_model(model, config)
-    try:
-        cache = PQCache(model, max_cache_len=ids.shape[1] + 8)
+    try:  # the cache generate() would build (an offloaded one cannot be resized to the bucket afterwards)
+        cache = PQCache(model, max_cache_len=bucket_length(ids.shape[1] + 8), context_len=ids.shape[1] + 8)
         cache.add_observer(lambda layer, q, idx, s: sel.append((layer.layer_idx, idx.device, idx.cpu())))
         out = model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache)
     finally:

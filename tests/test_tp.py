@@ -7,6 +7,7 @@ What must hold (issue 12):
     tokens equal the single-process run's, up to documented near-ties (`selection_problems`);
   * the comparison can fail: the same TP run with the head offsets dropped (each rank seeding k-means by its local
     head index, the bug of issue 12) is reported, on the heads of rank 1 only;
+  * offload=True under TP selects like the single-process resident run;
   * each rank's clustering pool takes its share of the host (`default_num_threads`).
 
 Near-ties: TP sums o_proj/down_proj partial products across ranks (all-reduce), so its hidden states, keys and
@@ -168,6 +169,16 @@ def test_partial_budget_selections_equal_single_process(tp_results, name):
         assert ties and ties[0] < first, f"tokens differ at {first} with no near-tie before it"
     # the sparse path really ran: a partial budget attends fewer tokens than the context
     assert int((single["records"][0]["idx"] >= 0).sum(-1).max()) < 1500
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_offloaded_tp_selects_like_single_process(tp_results, name):
+    """offload=True on every rank (each keeps its heads' K/V in its own host store): same rule as resident."""
+    r = tp_results[name]
+    problems, first, ties = selection_problems(r["pq_single"], r["offload_tp"])
+    assert not problems, "\n".join(problems[:20])
+    if first < r["offload_tp"]["tokens"].shape[1]:
+        assert ties and ties[0] < first, f"tokens differ at {first} with no near-tie before it"
 
 
 @pytest.mark.parametrize("name", MODELS)

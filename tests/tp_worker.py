@@ -4,7 +4,8 @@
 
 For every tiny saved model: load it tensor-parallel (`from_pretrained(tp_plan="auto")`), generate greedily
 unpatched, patched at budget 1.0, patched at a partial budget (recording each PQ layer's selection, scores, codes
-and codebook at every decode step through `cache.add_observer`), and once more with the head offsets dropped
+and codebook at every decode step through `cache.add_observer`), the same with `offload=True`, and once more with
+the head offsets dropped
 (what pqpatch did before it seeded k-means by global KV head: the test's proof that it can fail). The ranks'
 records are gathered on rank 0, which then runs the single-process patched model on the same prompts and
 writes everything to OUT/<model name>.pt for the test to compare. Rank 0 also writes OUT/meta.pt.
@@ -12,6 +13,7 @@ writes everything to OUT/<model name>.pt for the test to compare. Rank 0 also wr
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -65,9 +67,10 @@ def run(model, ids, mask, config: pqpatch.PQCacheConfig | None, drop_offsets: bo
         threads = state.pool.num_threads
         if drop_offsets:
             state.kv_head_offsets = {}
-        from pqpatch.cache import PQCache
+        from pqpatch.cache import PQCache, bucket_length
 
-        cache = PQCache(model, max_cache_len=PROMPT + NEW)
+        # what generate() itself builds (an offloaded cache cannot be resized to the bucket afterwards)
+        cache = PQCache(model, max_cache_len=bucket_length(PROMPT + NEW), context_len=PROMPT + NEW)
         cache.add_observer(recorder(records))
         kwargs = {"cache": cache}
     else:
@@ -109,7 +112,8 @@ def main() -> None:
         result = {"dense_tp": run(tp, ids, mask, None), "full_tp": run(tp, ids, mask, full)}
         pq = run(tp, ids, mask, cfg)
         bug = run(tp, ids, mask, cfg, drop_offsets=True)
-        for name, r in (("pq_tp", pq), ("bug_tp", bug)):
+        off = run(tp, ids, mask, dataclasses.replace(cfg, offload=True))
+        for name, r in (("pq_tp", pq), ("bug_tp", bug), ("offload_tp", off)):
             r["records"] = gather_heads(r["records"])
             result[name] = r
         del tp

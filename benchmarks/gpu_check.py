@@ -98,9 +98,6 @@ def _bench_gates_summary(output: str) -> list[str]:
 
 STEPS: list[Step] = [
     Step("kernel_tests", [PY, "-m", "pytest", "-m", "gpu or triton", "-x", "-q", "tests/"], 200, _pytest_summary),
-    # a model split over 2 GPUs decodes like one GPU, kernels on a non-current GPU (skipped with fewer than 2 GPUs)
-    Step("multi_gpu", [PY, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
-                       "tests/test_multigpu.py"], 180, _pytest_summary),
     Step("bench_kernels", [PY, "benchmarks/bench_kernels.py", "--out", str(RESULTS / "bench_kernels.json")], 120,
          _bench_kernels_summary),
     # 4 of the 32 layers keep the step inside the 5-minute budget; per-token times scale with the layer count
@@ -111,6 +108,9 @@ STEPS: list[Step] = [
     # sparse attention <= 57 us, both < 1/3 of dense SDPA); the per-case table is the end of its output
     Step("bench_gates", [PY, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider",
                          "--benchmark-json", str(RESULTS / "bench_gates.json")], 240, _bench_gates_summary),
+    # a model split over 2 GPUs decodes like one GPU, kernels on a non-current GPU (skipped with fewer than 2 GPUs)
+    Step("multi_gpu", [PY, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
+                       "tests/test_multigpu.py"], 180, _pytest_summary),
 ]
 
 

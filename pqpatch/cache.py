@@ -253,6 +253,8 @@ class PQLayer(StaticLayer):
             c = self.cfg
             b, h = self.keys.shape[:2]
             m, ds = c.num_subspaces, self.keys.shape[-1] // c.num_subspaces
+            if c.quantizer == "residual":  # m full-dimension stages (kernels.quality)
+                ds = self.keys.shape[-1]
             # allocated now, filled in place by `sync`: the decode step sees fixed addresses
             self.centroids = torch.zeros(b, h, m, c.num_centroids, ds, device=self.device)
             self.codes = torch.zeros(b, h, self.max_cache_len, m, dtype=torch.uint8, device=self.device)
@@ -265,7 +267,7 @@ class PQLayer(StaticLayer):
                 weights = kmeans_weights(self.obs_attn)  # [B, Hkv, prefill_len]
             self.future = self.pool.submit(
                 self.keys, lo, hi, c.num_subspaces, c.bits, c.kmeans_iters, c.seed, ready=self._host_ready(),
-                layer=self.layer_idx, head_offset=self.head_offset, weights=weights,
+                layer=self.layer_idx, head_offset=self.head_offset, weights=weights, quantizer=c.quantizer,
             )
         elif self.cfg.selection == "quest":
             self.pages = QuestPages(self.keys, self.cfg.quest_page_tokens)
@@ -278,6 +280,14 @@ class PQLayer(StaticLayer):
             # fixed for the whole decode: allocated once, read (never written) by every step
             self.snap_idx = snapkv_indices(self.obs_attn, self.start + self.sink, hi, self.topk, self.topk_slots)
             torch._dynamo.mark_static_address(self.snap_idx)
+
+    def _assign(self, keys: torch.Tensor) -> torch.Tensor:
+        """Codes [B, Hkv, T, m] uint8 of keys [B, Hkv, T, D] under this layer's codebook (PQ or residual)."""
+        if self.cfg.quantizer == "residual":
+            from .kernels.quality import rq_assign_ref
+
+            return rq_assign_ref(keys, self.centroids)
+        return kernels.pq_assign(keys, self.centroids, backend=self.cfg.backend)
 
     def _host_ready(self) -> torch.cuda.Event | None:
         """Event after which `self.keys` may be read on the host (offloaded layers); None here."""
@@ -302,7 +312,7 @@ class PQLayer(StaticLayer):
         if self.cfg.selection != "pq" or b <= a:
             return
         self.sync()
-        self.codes[:, :, a:b] = kernels.pq_assign(self._key_range(a, b), self.centroids, backend=self.cfg.backend)
+        self.codes[:, :, a:b] = self._assign(self._key_range(a, b))
 
     def _key_range(self, a: int, b: int) -> torch.Tensor:
         """Keys of positions [a, b) on the compute device: [B, Hkv, b - a, D]."""
@@ -329,12 +339,12 @@ class PQLayer(StaticLayer):
         hi_b = hi.expand_as(lo).contiguous()  # kernels index it per row
         if self.cfg.selection == "pq":
             p = (hi - 1).clamp_min(0).reshape(1)  # the token that left the window this step
-            self.codes.index_copy_(2, p, kernels.pq_assign(self._keys_at(p), self.centroids, backend=self.cfg.backend))
+            self.codes.index_copy_(2, p, self._assign(self._keys_at(p)))
         elif self.pages is not None:
             self.pages.update(self.keys, self.start, max(int(hi), 0))
         top = select(
             self.cfg.selection, query, lo, hi_b, self.topk_slots, scaling, keys=self.keys, centroids=self.centroids,
-            codes=self.codes, pages=self.pages, fixed=self.snap_idx, backend=self.cfg.backend,
+            codes=self.codes, pages=self.pages, fixed=self.snap_idx, backend=self.cfg.backend, rerank=self.cfg.rerank,
         )  # [B, Hkv, k_slots]
         if self.topk_slots > self.topk:
             top = _keep_first(top, topk_n)

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from . import codebook
-from .codebook import ClusteringStopped, train_pq
+from .codebook import ClusteringStopped, train_pq, train_rq
+from .kernels.quality import rq_assign_ref
 from .kernels.reference import pq_assign_ref
 
 __all__ = ["Codebook", "ClusterPool", "ClusteringStopped", "default_num_threads"]
@@ -101,6 +102,7 @@ class ClusterPool:
         layer: int | None = None,
         head_offset: int = 0,
         weights: torch.Tensor | None = None,
+        quantizer: str = "pq",
     ) -> Future:
         """Cluster keys[b, :, lo[b]:hi] of every sequence b. keys: [B, Hkv, N, D] on any device.
 
@@ -109,7 +111,8 @@ class ClusterPool:
         index of keys' first KV head (a tensor-parallel rank holds heads head_offset.. head_offset + Hkv - 1);
         k-means seeds by the global head, so every rank's codebooks equal a single process's. Returns a Future
         of `Codebook`; hand it to `cancel` if it will never be collected. `weights`: [B, Hkv, N] per-key k-means
-        weights (attention-weighted k-means), positions as in keys; None: unweighted.
+        weights (attention-weighted k-means), positions as in keys; None: unweighted. `quantizer`: "pq"
+        (num_subspaces sub-spaces) or "residual" (num_subspaces full-dimension stages, `codebook.train_rq`).
         """
         src = keys[:, :, : max(hi, 0)]
         if ready is not None:
@@ -147,10 +150,11 @@ class ClusterPool:
             for b, x in enumerate(rows):
                 if stop.is_set():
                     raise ClusteringStopped()
-                books.append(train_pq(x, num_subspaces, bits, iters, seed, use_faiss,
-                                      where=f"{where}, sequence {b}", should_stop=stop.is_set,
-                                      head_offset=head_offset,
-                                      **({} if wts is None else {"weights": wts[b, :, lo[b] : max(hi, lo[b])]})))
+                train = train_rq if quantizer == "residual" else train_pq
+                books.append(train(x, num_subspaces, bits, iters, seed, use_faiss,
+                                   where=f"{where}, sequence {b}", should_stop=stop.is_set,
+                                   head_offset=head_offset,
+                                   **({} if wts is None else {"weights": wts[b, :, lo[b] : max(hi, lo[b])]})))
             # A heavily left-padded sequence may have fewer training keys than centroids (none at all, even):
             # its codebook would be nearly flat. Borrow the codebook of the sequence with the most keys (same
             # layer and heads, so the same key distribution) and code its own keys with it.
@@ -158,7 +162,8 @@ class ClusterPool:
             for b, x in enumerate(rows):
                 if x.shape[1] < 1 << bits <= rows[richest].shape[1]:
                     c = books[richest][0]  # [Hkv, m, K, Ds]
-                    books[b] = (c, pq_assign_ref(x[None].float(), c[None])[0])
+                    assign = rq_assign_ref if quantizer == "residual" else pq_assign_ref
+                    books[b] = (c, assign(x[None].float(), c[None])[0])
             return Codebook(torch.stack([c for c, _ in books]), [q for _, q in books],
                             "faiss" if use_faiss else "torch")
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 __all__ = ["faiss_available", "default_use_faiss", "kmeans_trainer", "kmeans_torch", "kmeans_faiss", "train_pq",
-           "inertia", "ClusteringStopped"]
+           "train_rq", "inertia", "ClusteringStopped"]
 
 log = logging.getLogger("pqpatch")
 
@@ -239,3 +239,45 @@ def train_pq(
     if scale is not None:
         cent = cent * scale
     return cent.reshape(h, m, k, ds), codes.reshape(h, m, n).permute(0, 2, 1).contiguous()
+
+
+def train_rq(
+    keys: torch.Tensor, stages: int, bits: int, iters: int, seed: int, use_faiss: bool | None = None,
+    *, where: str = "", should_stop: Callable[[], bool] | None = None, head_offset: int = 0,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train one sequence's residual codebooks: `stages` k-means over the whole head dim, stage s on what stages
+    < s left (key - sum of the chosen centroids). Same contract as `train_pq` with m = stages and Ds = D:
+
+    keys: [Hkv, n, D] (CPU). Returns centroids [Hkv, S, K, D] float32 and codes [Hkv, n, S] uint8.
+    Why full-dimension stages: PQ's sub-spaces split the head dim, so at 2 bytes per token on a 256-dim head each
+    code sees 128 dims; two residual stages each see all 256, and the second corrects the first's error where
+    it is largest. Scoring is unchanged (see `kernels.quality`).
+    """
+    h, n, d = keys.shape
+    k = 1 << bits
+    x = keys.float().contiguous()
+    _check_finite(x, where)
+    x, scale = _rescale(x)
+    w = None
+    if weights is not None:
+        if tuple(weights.shape) != (h, n):
+            raise ValueError(f"k-means weights must be [Hkv, n] = {(h, n)}, got {tuple(weights.shape)}")
+        w = weights.float().contiguous()
+    if use_faiss is None:
+        use_faiss = default_use_faiss()
+    cents, codes = [], []
+    r = x
+    for s in range(stages):
+        stage_seed = (seed + 7919 * s) % 2**31  # a different start per stage; deterministic per config
+        if use_faiss:
+            c, a = kmeans_faiss(r, k, iters, stage_seed, should_stop, first_problem=head_offset, weights=w)
+        else:
+            c, a = kmeans_torch(r, k, iters, stage_seed, should_stop, weights=w)
+        cents.append(c)
+        codes.append(a)
+        r = r - torch.gather(c, 1, a.long()[..., None].expand(h, n, d))  # the residual the next stage codes
+    cent = torch.stack(cents, 1)  # [Hkv, S, K, D]
+    if scale is not None:
+        cent = cent * scale[:, None]
+    return cent, torch.stack(codes, -1).contiguous()  # codes [Hkv, n, S]

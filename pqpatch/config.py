@@ -8,6 +8,7 @@ from dataclasses import dataclass
 SELECTIONS = ("pq", "oracle", "streaming", "quest", "snapkv")
 BACKENDS = ("auto", "torch", "cpu", "triton")
 CACHE_POLICIES = ("lfu", "lru")
+QUANTIZERS = ("pq", "residual")
 SEED_MAX = 2**31 - 1  # faiss takes the k-means seed as a C int
 
 
@@ -51,6 +52,12 @@ class PQCacheConfig:
     sink_in_budget: True (default): the budget counts the sink tokens, so every method attends exactly
         `token_budget` tokens (sink + top-k + window). False: the official PQCache composition, sink tokens on top
         of the budget and the budget split between top-k and window by `local_tokens`.
+    quantizer: "pq" (product quantization: `num_subspaces` slices of the head dim) or "residual" (residual
+        quantization: `num_subspaces` stages, each a k-means over the whole head dim on what the previous stages
+        left). Both store `num_subspaces` one-byte codes per token and KV head; "residual" keeps
+        num_subspaces x 2**bits full-dimension centroids per KV head (num_subspaces x more than "pq").
+    rerank: r >= 1. r > 1: "pq" selects a shortlist of r x top-k tokens by the codes, re-scores it with the exact
+        keys and keeps the best top-k (reads r x top-k extra keys per step and KV head; resident caches only).
     """
 
     token_budget: float | int = 0.2
@@ -72,6 +79,8 @@ class PQCacheConfig:
     weighted_kmeans: bool = False
     observation_window: int = 64
     sink_in_budget: bool = True
+    quantizer: str = "pq"
+    rerank: int = 1
 
     def __post_init__(self) -> None:
         tb = self.token_budget
@@ -124,6 +133,13 @@ class PQCacheConfig:
             raise ValueError(f"sink_in_budget must be True or False, got {self.sink_in_budget!r}")
         if not _is_int(self.observation_window) or self.observation_window < 1:
             raise ValueError(f"observation_window must be an int >= 1, got {self.observation_window!r}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if not _is_int(self.rerank) or self.rerank < 1:
+            raise ValueError(f"rerank must be an int >= 1 (1: no re-ranking), got {self.rerank!r}")
+        if self.rerank > 1 and self.offload:
+            raise ValueError("rerank > 1 reads the shortlist's exact keys, which an offloaded cache keeps on the host; "
+                             "use rerank=1 with offload=True")
         if self.cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, got {self.cache_policy!r}")
 

@@ -4,7 +4,8 @@ Every policy returns idx [B, Hkv, k] int64 (-1 = empty slot) drawn from the cand
 sink and local-window tokens are added by the caller. GQA groups are aggregated with the same rule for every
 policy (per-head softmax over candidates, summed over the group; see `kernels.reference`).
 
-- "pq": PQ scores through codes and centroids (the PQCache method).
+- "pq": PQ scores through codes and centroids (the PQCache method); residual codebooks score through the same
+  top-k (`kernels.quality`); with `rerank` r > 1 a shortlist of r x k is re-scored with the exact keys.
 - "oracle": exact scores with the real keys (an upper bound for evaluation; reads every key).
 - "streaming": no selection; the budget goes to the local window (StreamingLLM). k is 0 by construction.
 - "snapkv": eviction baseline (SnapKV): the k tokens with the most attention from the prompt's last queries,
@@ -20,6 +21,7 @@ import math
 import torch
 
 from . import kernels
+from .kernels.quality import is_residual, rerank_exact_ref, residual_query
 from .kernels.reference import group_softmax_scores
 
 __all__ = ["QuestPages", "select", "observation_attention", "kmeans_weights", "snapkv_indices"]
@@ -161,6 +163,7 @@ def select(
     codes: torch.Tensor | None = None,
     pages: QuestPages | None = None,
     fixed: torch.Tensor | None = None,
+    rerank: int = 1,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dispatch to a policy. query: [B, Hkv, G, D]; lo, hi: [B]. Returns idx [B, Hkv, k] int64."""
@@ -170,7 +173,14 @@ def select(
     if k == 0 or selection == "streaming":
         return torch.full((b, h, k), -1, dtype=torch.long, device=query.device)
     if selection == "pq":
-        return kernels.pq_topk(query, centroids, codes, lo, hi, k, scaling, backend=backend)
+        q = query
+        if is_residual(query.shape[-1], centroids):  # residual stages: a PQ sub-space per stage, whole query each
+            q = residual_query(query, centroids.shape[2])
+        if rerank == 1:
+            return kernels.pq_topk(q, centroids, codes, lo, hi, k, scaling, backend=backend)
+        # exact re-ranking: a shortlist of rerank x k by the codes, re-scored with the exact keys
+        short = kernels.pq_topk(q, centroids, codes, lo, hi, rerank * k, scaling, backend=backend)
+        return rerank_exact_ref(query, keys, short, k, scaling)
     if selection == "oracle":
         return kernels.exact_topk(query, keys, lo, hi, k, scaling)
     if selection == "quest":

@@ -15,7 +15,7 @@ BAD = [
     ("selection", "random"), ("selection", "PQ"), ("backend", "cuda"), ("offload", 1), ("quest_page_tokens", 0),
     ("cache_block_tokens", 0), ("gpu_cache_tokens", -1), ("cache_policy", "fifo"),
     ("weighted_kmeans", 1), ("weighted_kmeans", None), ("observation_window", 0), ("observation_window", 8.0),
-    ("sink_in_budget", "no"),
+    ("sink_in_budget", "no"), ("quantizer", "opq"), ("rerank", 0), ("rerank", 2.0),
 ]
 
 

@@ -253,3 +253,143 @@ def test_sink_on_top_of_the_budget_is_the_official_composition():
     assert official.budget_split(1) == (0, 1, 0)  # the newest token first
     with pytest.raises(ValueError, match="sink_in_budget"):
         PQCacheConfig(sink_in_budget="no")
+
+
+# ---- residual quantization and exact re-ranking ---------------------------------------------------------------
+@pytest.mark.parametrize("use_faiss", TRAINERS)
+def test_residual_stages_cut_the_error_and_codes_are_greedy(use_faiss):
+    from pqpatch.codebook import train_rq
+    from pqpatch.kernels.quality import rq_assign_ref, rq_reconstruct_ref
+
+    keys = torch.randn(2, 2000, 32, generator=torch.Generator().manual_seed(1))
+    err = []
+    for stages in (1, 2, 3):
+        cent, codes = train_rq(keys, stages, 4, 10, 0, use_faiss)
+        assert cent.shape == (2, stages, 16, 32) and codes.shape == (2, 2000, stages) and codes.dtype == torch.uint8
+        rec = rq_reconstruct_ref(cent[None], codes[None])[0]
+        err.append(float(((rec - keys) ** 2).mean()))
+        # the training codes are what greedy residual coding of the keys gives (new tokens are coded that way)
+        assert torch.equal(rq_assign_ref(keys[None], cent[None])[0], codes)
+    assert err[0] > err[1] > err[2]
+
+
+def _rq_case(seed=0, b=2, h=2, g=4, d=64, s=2, kc=256, n=700):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, g, d, generator=gen)
+    cent = torch.randn(b, h, s, kc, d, generator=gen) * 0.3
+    codes = torch.randint(0, kc, (b, h, n, s), generator=gen).to(torch.uint8)
+    return q, cent, codes, torch.tensor([0, 37])[:b], torch.tensor([n, n - 50])[:b]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
+def test_residual_codes_score_through_the_pq_top_k(backend):
+    """A residual codebook is scored by the PQ top-k with the query repeated per stage: the selected set must be
+    the top-k of the exact scores of the reconstructed keys (every backend, b=8 tables)."""
+    from pqpatch import kernels
+    from pqpatch.kernels.quality import residual_query, rq_reconstruct_ref
+    from pqpatch.kernels.reference import exact_topk_ref
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    q, cent, codes, lo, hi = _rq_case()
+    rec = rq_reconstruct_ref(cent, codes)  # [B, Hkv, N, D]
+    want = exact_topk_ref(q, rec, lo, hi, 60, 0.125)
+    got = kernels.pq_topk(residual_query(q, 2), cent, codes, lo, hi, 60, 0.125, backend=backend)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+def test_rerank_of_a_full_shortlist_is_the_exact_top_k():
+    from pqpatch.kernels.quality import rerank_exact_ref
+    from pqpatch.kernels.reference import exact_topk_ref
+
+    q, _, _, lo, hi = _rq_case()
+    keys = torch.randn(2, 2, 700, 64, generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(700)
+    short = torch.where((pos >= lo[:, None]) & (pos < hi[:, None]), pos, -1)[:, None].expand(2, 2, -1)
+    got = rerank_exact_ref(q, keys, short.contiguous(), 50, 0.125)
+    want = exact_topk_ref(q, keys, lo, hi, 50, 0.125)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    part = rerank_exact_ref(q, keys, short.contiguous(), 50, 0.125, k_valid=torch.tensor([20]))
+    assert (part[..., 20:] == -1).all() and torch.equal(part[..., :20], got[..., :20])  # best first
+
+
+def _decode_selections(model, cfg, ids, steps=4):
+    from pqpatch.cache import PQCache
+
+    pqpatch.patch_model(model, cfg)
+    seen = []
+    try:
+        cache = PQCache(model, max_cache_len=ids.shape[1] + steps + 2)
+        cache.add_observer(lambda layer, q, idx, s: seen.append((layer, q, idx.clone(), s)))
+        with torch.no_grad():
+            tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            for _ in range(steps):
+                tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    finally:
+        pqpatch.unpatch_model(model)
+    return seen
+
+
+@pytest.mark.parametrize("quantizer", ["pq", "residual"])
+def test_rerank_with_a_shortlist_covering_every_candidate_is_the_oracle(quantizer):
+    """rerank r with r x k >= the candidates: the shortlist is every candidate, so the selection must equal the
+    exact top-k (the oracle) at every step, whatever the codes."""
+    from pqpatch.kernels.reference import exact_topk_ref
+
+    model = tiny_model("llama", layers=1)
+    ids = torch.randint(1, 96, (1, 100))
+    cfg = PQCacheConfig(token_budget=30, sink_tokens=4, local_tokens=8, min_context=16, bits=3, rerank=6,
+                        quantizer=quantizer)
+    seen = _decode_selections(model, cfg, ids)
+    assert seen
+    for layer, q, idx, s in seen:
+        n = layer.length
+        lo = layer.start + layer.sink
+        hi = torch.full_like(lo, n - layer.local)
+        want = exact_topk_ref(q, layer.keys, lo, hi, layer.topk, s)
+        assert torch.equal(idx[:, :, 4:4 + layer.topk].sort(-1).values, want.sort(-1).values)
+
+
+@pytest.mark.parametrize("fields", [dict(quantizer="residual"), dict(rerank=3), dict(quantizer="residual", rerank=2,
+                                                                                       weighted_kmeans=True)])
+def test_quality_options_keep_full_budget_dense_and_compile_whole(fields):
+    from transformers import CompileConfig
+
+    class Backend:
+        graphs = 0
+
+        def __call__(self, gm, ex):
+            Backend.graphs += 1
+            return gm.forward
+
+        def __deepcopy__(self, memo):
+            return self
+
+    model = tiny_model("qwen3")
+    ids = torch.randint(1, 96, (1, 56))
+    dense = _gen(model, ids)
+    base = dict(sink_tokens=4, local_tokens=8, min_context=16, bits=4, **fields)
+    pqpatch.patch_model(model, PQCacheConfig(token_budget=1.0, **base))
+    try:
+        assert torch.equal(_gen(model, ids), dense)
+    finally:
+        pqpatch.unpatch_model(model)
+    pqpatch.patch_model(model, PQCacheConfig(token_budget=0.3, **base))
+    try:
+        eager = _gen(model, ids)
+        cc = CompileConfig(fullgraph=True, dynamic=False, backend=Backend(), mode=None)
+        cc._compile_all_devices = True
+        assert torch.equal(_gen(model, ids, compile_config=cc), eager)
+        assert Backend.graphs == 1 and pqpatch.stats(model).steps > 0
+    finally:
+        pqpatch.unpatch_model(model)
+        model.__dict__.pop("_compiled_call", None)
+
+
+def test_quality_config_is_validated():
+    with pytest.raises(ValueError, match="quantizer"):
+        PQCacheConfig(quantizer="opq")
+    with pytest.raises(ValueError, match="rerank"):
+        PQCacheConfig(rerank=0)
+    with pytest.raises(ValueError, match="rerank"):
+        PQCacheConfig(rerank=2, offload=True)

@@ -308,3 +308,11 @@ def test_cli_takes_method_specs_and_seeds():
     assert a.methods == ("pq:bits=8", "oracle") and a.seeds == (0, 1) and a.kmeans_seeds == (0, 1, 2)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "recall", "--methods", "magic:bits=8"])
+
+
+def test_kmeans_cost_tool_times_a_job(capsys):
+    from pqpatch.eval import kmeans_cost
+
+    assert kmeans_cost.job_seconds(600, 2, 32, 4, 2, weighted=True) > 0
+    kmeans_cost.main(["--keys", "300", "--head-dim", "16", "--bits", "3", "--quantizer", "residual"])
+    assert "residual m=2 b=3: " in capsys.readouterr().out

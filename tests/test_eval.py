@@ -316,3 +316,23 @@ def test_kmeans_cost_tool_times_a_job(capsys):
     assert kmeans_cost.job_seconds(600, 2, 32, 4, 2, weighted=True) > 0
     kmeans_cost.main(["--keys", "300", "--head-dim", "16", "--bits", "3", "--quantizer", "residual"])
     assert "residual m=2 b=3: " in capsys.readouterr().out
+
+
+def test_demo_counts_the_re_rank_reads():
+    """With rerank r a step also reads r x top-k exact keys per KV head: kv_memory reports them (0 without)."""
+    import pqpatch
+    from pqpatch.eval.demo import kv_memory
+
+    model = tiny_model("gemma3", layers=2)  # one global layer, 2 KV heads x 16 dims, float32
+    ids = torch.randint(1, 96, (200,)).tolist()
+    got = {}
+    for r in (1, 3):
+        pqpatch.patch_model(model, pqpatch.PQCacheConfig(token_budget=0.3, rerank=r, **BASE))
+        try:
+            cache, _ = prefill(model, ids, 4)
+            got[r] = (kv_memory(model, cache), cache.pq_layers()[0].topk)
+        finally:
+            pqpatch.unpatch_model(model)
+    assert got[1][0]["pq_rerank"] == 0
+    topk = got[3][1]
+    assert topk > 0 and got[3][0]["pq_rerank"] == 3 * topk * 2 * 16 * 4

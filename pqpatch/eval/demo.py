@@ -77,7 +77,8 @@ def kv_memory(model, cache) -> dict[str, int]:
 
     dense_global: K+V of every token in the global-attention (PQ) layers; sliding: K+V of the sliding-window
     layers (the same with or without the patch); pq_codes / pq_centroids: the PQ index of the global layers;
-    pq_attended: K+V of the tokens one decode step attends to in the global layers (sink + top-k + window).
+    pq_attended: K+V of the tokens one decode step attends to in the global layers (sink + top-k + window);
+    pq_rerank: keys one step reads to re-rank its shortlist (rerank x top-k per KV head; 0 without re-ranking).
     """
     text = model.config.get_text_config(decoder=True)
     d = head_dim_of(model.config)
@@ -92,13 +93,15 @@ def kv_memory(model, cache) -> dict[str, int]:
     out = {
         "dense_global": len(layers) * n * per_tok,
         "sliding": num_sliding * min(window, n) * per_tok,
-        "pq_codes": 0, "pq_centroids": 0, "pq_attended": 0,
+        "pq_codes": 0, "pq_centroids": 0, "pq_attended": 0, "pq_rerank": 0,
     }
     for layer in layers:
         if layer.codes is not None:
             out["pq_codes"] += layer.codes.numel() * layer.codes.element_size()
             out["pq_centroids"] += layer.centroids.numel() * layer.centroids.element_size()
         out["pq_attended"] += (layer.sink + layer.topk + layer.local) * per_tok
+        if layer.cfg.selection == "pq" and layer.cfg.rerank > 1:
+            out["pq_rerank"] += layer.cfg.rerank * layer.topk * hkv * d * elem  # exact keys of the shortlist
     return out
 
 
@@ -184,6 +187,7 @@ def run_demo(
 
     ok_dense, ok_pq = score_answer(dense.text, [key]) == 1.0, score_answer(pq.text, [key]) == 1.0
     pq_index = mem["pq_codes"] + mem["pq_centroids"]
+    reads = pq_index + mem["pq_attended"] + mem["pq_rerank"]
     lines = [
         f"pass key: {key}   prompt: {ids.shape[1]} tokens   budget: {budget}{extra}"
         + (f" (sink/top-k/window = {split[0][0]}/{split[0][1]}/{split[0][2]} tokens)" if split else ""),
@@ -193,8 +197,9 @@ def run_demo(
         f"KV memory of the global-attention layers ({str(next(model.parameters()).dtype).replace('torch.', '')}):",
         f"  dense K/V: {_mib(mem['dense_global'])}  (every step reads all of it)",
         f"  PQ index : {_mib(pq_index)}  (codes {_mib(mem['pq_codes'])} + centroids {_mib(mem['pq_centroids'])})",
-        f"  PQ attended K/V per step: {_mib(mem['pq_attended'])}  -> a step reads {_mib(pq_index + mem['pq_attended'])}"
-        f" = {(pq_index + mem['pq_attended']) / max(mem['dense_global'], 1):.0%} of dense",
+        f"  PQ attended K/V per step: {_mib(mem['pq_attended'])}"
+        + (f" + re-rank keys {_mib(mem['pq_rerank'])}" if mem["pq_rerank"] else "")
+        + f"  -> a step reads {_mib(reads)} = {reads / max(mem['dense_global'], 1):.0%} of dense",
         f"  (the full K/V stays resident unless PQCacheConfig(offload=True); sliding-window layers: "
         f"{_mib(mem['sliding'])} either way)",
         f"total demo time: {time.perf_counter() - t_all:.0f} s",

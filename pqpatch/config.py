@@ -47,7 +47,9 @@ class PQCacheConfig:
     cache_block_tokens, gpu_cache_tokens, cache_policy: the offload block cache (block size, capacity, "lfu"/"lru").
     weighted_kmeans: attention-weighted k-means: each training key counts 1 + N x the mean softmax attention it
         gets from the prompt's last `observation_window` queries (N: prompt length), so the centroids resolve
-        the keys queries actually hit.
+        the keys queries actually hit. Default on: on Gemma-3-270M it raised the recall of the oracle's
+        attention mass at budget 0.1 from 0.77 / 0.76 to 0.80 / 0.80 at 8K / 16K (3 prompts x 2 k-means seeds,
+        docs/results.md).
     observation_window: how many of the prompt's last queries observe the keys (weighted_kmeans, "snapkv").
     sink_in_budget: True (default): the budget counts the sink tokens, so every method attends exactly
         `token_budget` tokens (sink + top-k + window). False: the official PQCache composition, sink tokens on top
@@ -76,7 +78,7 @@ class PQCacheConfig:
     cache_block_tokens: int = 64
     gpu_cache_tokens: int = 2048
     cache_policy: str = "lfu"
-    weighted_kmeans: bool = False
+    weighted_kmeans: bool = True
     observation_window: int = 64
     sink_in_budget: bool = True
     quantizer: str = "pq"

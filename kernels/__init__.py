@@ -83,15 +83,18 @@ def _checked(backend: str, device: torch.device) -> str:
     return backend
 
 
-def pq_topk(query, centroids, codes, lo, hi, k: int, scaling: float, backend: str = "auto") -> torch.Tensor:
-    """Top-k candidate tokens by PQ score: [B, Hkv, k] int64, -1 = empty slot. See `reference.pq_topk_ref`."""
+def pq_topk(query, centroids, codes, lo, hi, k: int, scaling: float, backend: str = "auto",
+            k_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k candidate tokens by PQ score: [B, Hkv, k] int64, -1 = empty slot. See `reference.pq_topk_ref`.
+    k_valid: optional 1-element integer tensor, the number of slots to fill with the best tokens (<= k)."""
     return _ops.pq_topk_op(query, centroids, codes, lo, hi, int(k), float(scaling),
-                           _checked(backend, query.device))
+                           _checked(backend, query.device), k_valid)
 
 
-def exact_topk(query, keys, lo, hi, k: int, scaling: float, backend: str = "auto") -> torch.Tensor:
+def exact_topk(query, keys, lo, hi, k: int, scaling: float, backend: str = "auto",
+               k_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Oracle top-k with exact keys (evaluation only; reference on every backend)."""
-    return ref.exact_topk_ref(query, keys, lo, hi, k, scaling)
+    return ref.exact_topk_ref(query, keys, lo, hi, k, scaling, k_valid)
 
 
 def pq_assign(keys, centroids, backend: str = "auto") -> torch.Tensor:

@@ -13,6 +13,8 @@ formula is registered. Importing this module does not import triton.
 """
 
 # No `from __future__ import annotations`: custom_op reads the real annotation objects to infer the schema.
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -36,18 +38,23 @@ def _check_backend(backend: str) -> None:
 
 @torch.library.custom_op("pqpatch::pq_topk", mutates_args=())
 def pq_topk_op(query: Tensor, centroids: Tensor, codes: Tensor, lo: Tensor, hi: Tensor, k: int, scaling: float,
-               backend: str) -> Tensor:
-    """[B, Hkv, k] int64 top-k token positions by PQ group score, -1 = empty. See `reference.pq_topk_ref`."""
+               backend: str, k_valid: Optional[Tensor] = None) -> Tensor:
+    """[B, Hkv, k] int64 top-k token positions by PQ group score, -1 = empty. See `reference.pq_topk_ref`.
+    k_valid (1-element integer tensor): select only the best min(k_valid, k); the other slots are -1."""
     _check_backend(backend)
     if backend == "triton":
-        return _triton().pq_topk_triton(query, centroids, codes, lo, hi, k, scaling)
+        return _triton().pq_topk_triton(query, centroids, codes, lo, hi, k, scaling, k_valid=k_valid)
     if backend == "cpu":
-        return pq_topk_cpu(query, centroids, codes, lo, hi, k, scaling)
-    return ref.pq_topk_ref(query, centroids, codes, lo, hi, k, scaling).contiguous()
+        if k_valid is None:
+            return pq_topk_cpu(query, centroids, codes, lo, hi, k, scaling)
+        kk = max(0, min(int(k_valid), k))  # a CPU tensor: reading it costs no device sync
+        out = pq_topk_cpu(query, centroids, codes, lo, hi, kk, scaling)
+        return torch.nn.functional.pad(out, (0, k - kk), value=-1)
+    return ref.pq_topk_ref(query, centroids, codes, lo, hi, k, scaling, k_valid).contiguous()
 
 
 @pq_topk_op.register_fake
-def _(query, centroids, codes, lo, hi, k, scaling, backend):
+def _(query, centroids, codes, lo, hi, k, scaling, backend, k_valid=None):
     return query.new_empty((query.shape[0], query.shape[1], k), dtype=torch.int64)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "pq_topk_ref",
     "exact_topk_ref",
     "topk_from_scores",
+    "topk_slots",
     "pq_assign_ref",
     "pq_reconstruct_ref",
     "sparse_decode_attention_ref",
@@ -120,9 +121,26 @@ def pq_topk_ref(
     hi: torch.Tensor,
     k: int,
     scaling: float,
+    k_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Top-k candidate tokens by PQ score. Shapes as `pq_scores_ref`; returns [B, Hkv, k] int64, -1 = empty."""
-    return topk_from_scores(pq_scores_ref(query, centroids, codes, lo, hi, scaling), k)
+    """Top-k candidate tokens by PQ score. Shapes as `pq_scores_ref`; returns [B, Hkv, k] int64, -1 = empty.
+
+    k_valid: optional 1-element integer tensor; only the best min(k_valid, k) tokens are selected, the other
+    slots are -1 (see `topk_slots`)."""
+    return topk_slots(pq_scores_ref(query, centroids, codes, lo, hi, scaling), k, k_valid)
+
+
+def topk_slots(scores: torch.Tensor, k: int, k_valid: torch.Tensor | None) -> torch.Tensor:
+    """`topk_from_scores` with k slots of which only the best min(k_valid, k) are filled, the rest -1.
+    scores: [B, Hkv, N]; k_valid: 1-element integer tensor or None (all k). Tensor ops only (no host read), so a
+    compiled step keeps its k slots while the count varies."""
+    if k_valid is None:
+        return topk_from_scores(scores, k)
+    kk = min(k, scores.shape[-1])
+    vals, idx = torch.topk(scores, kk, dim=-1, sorted=True)  # best first, so a prefix is the best k_valid
+    keep = torch.isfinite(vals) & (torch.arange(kk, device=scores.device) < k_valid.reshape(()))
+    idx = torch.where(keep, idx, torch.full_like(idx, -1))
+    return torch.nn.functional.pad(idx, (0, k - kk), value=-1)
 
 
 def exact_topk_ref(
@@ -132,14 +150,15 @@ def exact_topk_ref(
     hi: torch.Tensor,
     k: int,
     scaling: float,
+    k_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Oracle: the same rule as `pq_topk_ref` with exact keys.
+    """Oracle: the same rule as `pq_topk_ref` with exact keys (k_valid too).
 
     query: [B, Hkv, G, D]; keys: [B, Hkv, N, D]. Returns [B, Hkv, k] int64, -1 = empty.
     """
     logits = torch.einsum("bhgd,bhnd->bhgn", query.float(), keys.float()) * scaling
     scores = group_softmax_scores(logits, candidate_mask(lo, hi, keys.shape[2]))
-    return topk_from_scores(scores, k)
+    return topk_slots(scores, k, k_valid)
 
 
 def pq_assign_ref(keys: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

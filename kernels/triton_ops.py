@@ -120,12 +120,14 @@ def _check_device(device: torch.device, **tensors: torch.Tensor) -> None:
 @_on_tensor_device
 def pq_topk_triton(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor,
                    hi: torch.Tensor, k: int, scaling: float, *, block_n: int | None = None,
-                   programs_per_row: int | None = None) -> torch.Tensor:
+                   programs_per_row: int | None = None, k_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k tokens by PQ group score (see `kernels._triton.pq_topk` for the algorithm).
 
     query: [B, Hkv, G, D] float; centroids: [B, Hkv, m, K, Ds] float, K <= 256, m * Ds = D; codes: [B, Hkv, N, m]
     uint8 (a preallocated buffer: only [lo, hi) is read); lo, hi: [B] int32/int64. Returns [B, Hkv, k] int64
     token positions in no particular order, -1 in slots beyond the number of candidates.
+    k_valid: optional 1-element integer tensor: select only min(k_valid, k) tokens, the other slots -1 (a runtime
+    count, read on the device: a compiled step keeps k slots while the budget of the real context varies).
     block_n / programs_per_row override the launch geometry (tests use them to exercise multi-block loops).
 
     Bytes per row (N candidates): 2 * N * m code bytes + 4 * N key bytes written and 3 * 4 * N re-read (L2-resident)
@@ -152,6 +154,11 @@ def pq_topk_triton(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Te
                f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
     _check(isinstance(k, int) and k >= 0, f"k must be a non-negative int, got {k!r}")
     _check_device(query.device, centroids=centroids, codes=codes, lo=lo, hi=hi)
+    if k_valid is None:
+        k_valid = torch.full((1,), k, dtype=torch.int64, device=query.device)
+    _check(k_valid.numel() == 1 and k_valid.dtype in _INTS,
+           f"k_valid must be one integer, got {k_valid.dtype} {tuple(k_valid.shape)}")
+    _check_device(query.device, k_valid=k_valid)
 
     out = torch.empty((b, hkv, k), dtype=torch.int64, device=query.device)
     if k == 0 or b * hkv == 0:
@@ -185,9 +192,9 @@ def pq_topk_triton(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Te
         M=m, KC=kc, G=g, GP=gp, PP=_pow2(p_score), BLOCK_N=bn_score, WS=_topk.WS_SIZE, num_warps=8)
     for level in (1, 2):
         _topk._refine_kernel[(rows, p_sel)](
-            keys, ws, lo, hi, k, n, hkv, LEVEL=level, BLOCK_N=bn_sel, WS=_topk.WS_SIZE, num_warps=8)
+            keys, ws, lo, hi, k_valid, k, n, hkv, LEVEL=level, BLOCK_N=bn_sel, WS=_topk.WS_SIZE, num_warps=8)
     _topk._select_kernel[(rows, p_sel)](
-        keys, ws, out, lo, hi, k, n, hkv, BLOCK_N=bn_sel, WS=_topk.WS_SIZE, num_warps=8)
+        keys, ws, out, lo, hi, k_valid, k, n, hkv, BLOCK_N=bn_sel, WS=_topk.WS_SIZE, num_warps=8)
     return out
 
 

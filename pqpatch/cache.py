@@ -72,8 +72,9 @@ class PQLayer(StaticLayer):
         self.sink, self.local, self.topk = self._split(config, self.context_len)  # what the budget selects
         self.sink_slots, self.local_slots, self.topk_slots = self._split(config, self.max_cache_len)  # shapes
         self.sink_slots, self.local_slots = max(self.sink_slots, self.sink), max(self.local_slots, self.local)
-        # TODO(k_valid): top-k slots stay the real split until the selection ops take a runtime k
-        self.topk_slots = self.topk
+        self.topk_slots = max(self.topk_slots, self.topk)
+        if config.selection == "quest":  # eager only: its page selection takes the exact count
+            self.topk_slots = self.topk
 
     @staticmethod
     def _split(config: PQCacheConfig, n: int) -> tuple[int, int, int]:
@@ -333,9 +334,9 @@ class PQLayer(StaticLayer):
             self.sync()  # eager callers (manual loops); generate() syncs before the first step
         dev = query.device
         n = self.cumulative_length  # 0-d: tokens so far, the current one included
-        sink_n, local_n, topk_n = self.split_n[0], self.split_n[1], self.split_n[2]
+        sink_n, local_n = self.split_n[0], self.split_n[1]
         hi = n - local_n  # 0-d
-        lo = self.start + self.sink  # [B]
+        lo = self.start + sink_n  # [B]
         hi_b = hi.expand_as(lo).contiguous()  # kernels index it per row
         if self.cfg.selection == "pq":
             p = (hi - 1).clamp_min(0).reshape(1)  # the token that left the window this step
@@ -345,9 +346,8 @@ class PQLayer(StaticLayer):
         top = select(
             self.cfg.selection, query, lo, hi_b, self.topk_slots, scaling, keys=self.keys, centroids=self.centroids,
             codes=self.codes, pages=self.pages, fixed=self.snap_idx, backend=self.cfg.backend, rerank=self.cfg.rerank,
-        )  # [B, Hkv, k_slots]
-        if self.topk_slots > self.topk:
-            top = _keep_first(top, topk_n)
+            k_valid=self.split_n[2:],
+        )  # [B, Hkv, k_slots]: the best topk_n of them, the rest -1
         j = torch.arange(self.sink_slots, device=dev)
         sink = self.start[:, None] + j  # [B, sink_slots]
         sink = torch.where((j < sink_n) & (sink < torch.minimum(hi, n)), sink, -1)
@@ -367,12 +367,6 @@ class PQLayer(StaticLayer):
             obs(self, q, idx, scaling)
         out, _ = kernels.sparse_decode_attention(q, self.keys, self.values, idx, scaling, backend=self.cfg.backend)
         return out.reshape(b, hq, -1)[:, None]
-
-
-def _keep_first(top: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Keep the k best of top [B, Hkv, k_slots] (selection order: best first), -1 elsewhere. k: 0-d tensor."""
-    j = torch.arange(top.shape[-1], device=top.device)
-    return torch.where(j < k, top, -1)
 
 
 def _first_valid(mask: torch.Tensor | None, length: int, batch: int, device: torch.device) -> torch.Tensor:

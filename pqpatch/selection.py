@@ -165,8 +165,12 @@ def select(
     fixed: torch.Tensor | None = None,
     rerank: int = 1,
     backend: str = "auto",
+    k_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dispatch to a policy. query: [B, Hkv, G, D]; lo, hi: [B]. Returns idx [B, Hkv, k] int64."""
+    """Dispatch to a policy. query: [B, Hkv, G, D]; lo, hi: [B]. Returns idx [B, Hkv, k] int64.
+
+    k_valid: a 1-element device tensor, how many of the k slots to fill (the budget of the real context, when k is
+    the slot count of a shape bucket); None fills all k. "quest" (eager only) takes the whole k."""
     b, h = query.shape[:2]
     if selection == "snapkv":  # chosen at prefill (`snapkv_indices`, [B, Hkv, k]); read, never recomputed
         return fixed
@@ -177,12 +181,13 @@ def select(
         if is_residual(query.shape[-1], centroids):  # residual stages: a PQ sub-space per stage, whole query each
             q = residual_query(query, centroids.shape[2])
         if rerank == 1:
-            return kernels.pq_topk(q, centroids, codes, lo, hi, k, scaling, backend=backend)
+            return kernels.pq_topk(q, centroids, codes, lo, hi, k, scaling, backend=backend, k_valid=k_valid)
         # exact re-ranking: a shortlist of rerank x k by the codes, re-scored with the exact keys
-        short = kernels.pq_topk(q, centroids, codes, lo, hi, rerank * k, scaling, backend=backend)
-        return rerank_exact_ref(query, keys, short, k, scaling)
+        short = kernels.pq_topk(q, centroids, codes, lo, hi, rerank * k, scaling, backend=backend,
+                                k_valid=None if k_valid is None else k_valid * rerank)
+        return rerank_exact_ref(query, keys, short, k, scaling, k_valid)
     if selection == "oracle":
-        return kernels.exact_topk(query, keys, lo, hi, k, scaling)
+        return kernels.exact_topk(query, keys, lo, hi, k, scaling, k_valid=k_valid)
     if selection == "quest":
         return pages.topk(query, lo, hi, k, scaling)
     raise ValueError(f"unknown selection {selection!r}")

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_model
 
 import pqpatch
-from pqpatch.cache import bucket_length
+from pqpatch.cache import PQLayer, bucket_length
 
 NEW = 12
 
@@ -73,6 +73,28 @@ def test_integer_budget_shares_one_graph_across_prompt_lengths():
     for n in lengths:
         ids = torch.randint(1, 96, (1, n))
         assert torch.equal(_greedy(model, ids, compile_config=cc), _greedy(model, ids))
+    assert counter.graphs == 1
+
+
+@pytest.mark.parametrize("selection", ["pq", "oracle", "streaming"])
+def test_fractional_budget_shares_one_graph_across_prompt_lengths(selection):
+    """Different prompt lengths in one bucket under a fractional budget: the split of each real context lives in
+    device tensors and fills the bucket's slots, so one graph serves all, with eager pqpatch's tokens."""
+    model = tiny_model("llama")
+    cfg = pqpatch.PQCacheConfig(token_budget=0.3, sink_tokens=4, local_tokens=0.25, min_context=16, bits=4,
+                                selection=selection)
+    pqpatch.patch_model(model, cfg)
+    lengths = [40, 45, 50]
+    assert len({bucket_length(n + NEW) for n in lengths}) == 1
+    assert len({cfg.budget_split(n + NEW) for n in lengths}) == 3  # three different real splits
+    counter = Counter()
+    cc = _compile_config(counter)
+    for n in lengths:
+        ids = torch.randint(1, 96, (1, n))
+        out = _greedy(model, ids, compile_config=cc, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, _greedy(model, ids))
+        layer = out.past_key_values.pq_layers()[0]
+        assert (layer.sink, layer.local, layer.topk) == PQLayer._split(cfg, n + NEW)  # the real context's split
     assert counter.graphs == 1
 
 

@@ -182,14 +182,15 @@ def _boundary(ws_row, k, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _refine_kernel(keys_ptr, ws_ptr, lo_ptr, hi_ptr, k, N, HKV,
+def _refine_kernel(keys_ptr, ws_ptr, lo_ptr, hi_ptr, kv_ptr, k, N, HKV,
                    LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr):
     r = tl.program_id(0)
     p = tl.program_id(1)
     P = tl.num_programs(1)
     lo, hi = _row_range(lo_ptr, hi_ptr, r // HKV, N)
     ws_row = ws_ptr + r.to(tl.int64) * WS
-    prefix, need, total = _boundary(ws_row, k, LEVEL)
+    kk = tl.minimum(tl.load(kv_ptr).to(tl.int32), k)  # tokens to select (<= the k slots): a runtime value
+    prefix, need, total = _boundary(ws_row, kk, LEVEL)
     keys_row = keys_ptr + r.to(tl.int64) * N
     hist = tl.zeros([256], dtype=tl.int32)
     for blk in range(p, tl.cdiv(hi - lo, BLOCK_N), P):
@@ -203,15 +204,16 @@ def _refine_kernel(keys_ptr, ws_ptr, lo_ptr, hi_ptr, k, N, HKV,
 
 
 @triton.jit
-def _select_kernel(keys_ptr, ws_ptr, out_ptr, lo_ptr, hi_ptr, k, N, HKV,
+def _select_kernel(keys_ptr, ws_ptr, out_ptr, lo_ptr, hi_ptr, kv_ptr, k, N, HKV,
                    BLOCK_N: tl.constexpr, WS: tl.constexpr):
     r = tl.program_id(0)
     p = tl.program_id(1)
     P = tl.num_programs(1)
     lo, hi = _row_range(lo_ptr, hi_ptr, r // HKV, N)
     ws_row = ws_ptr + r.to(tl.int64) * WS
-    prefix, need, total = _boundary(ws_row, k, 3)
-    first_tie = k - need  # keys above the prefix fill [0, first_tie), keys on it [first_tie, k)
+    kk = tl.minimum(tl.load(kv_ptr).to(tl.int32), k)  # tokens to select; slots [kk, k) stay -1
+    prefix, need, total = _boundary(ws_row, kk, 3)
+    first_tie = kk - need  # keys above the prefix fill [0, first_tie), keys on it [first_tie, kk)
     keys_row = keys_ptr + r.to(tl.int64) * N
     out_row = out_ptr + r.to(tl.int64) * k
     for blk in range(p, tl.cdiv(hi - lo, BLOCK_N), P):
@@ -226,7 +228,7 @@ def _select_kernel(keys_ptr, ws_ptr, out_ptr, lo_ptr, hi_ptr, k, N, HKV,
         tbase = tl.atomic_add(ws_row + 3 * 256 + 1, tl.sum(on, 0))
         rank = tbase + tl.cumsum(on, 0) - 1
         tl.store(out_row + first_tie + rank, offs.to(tl.int64), mask=(on > 0) & (rank < need))
-    if p == 0:  # fewer candidates than slots: the rest is -1
-        for s in range(tl.minimum(total, k), k, 1024):
+    if p == 0:  # fewer candidates than slots (or kk < k): the rest is -1
+        for s in range(tl.minimum(total, kk), k, 1024):
             so = s + tl.arange(0, 1024)
             tl.store(out_row + so, tl.full([1024], -1, dtype=tl.int64), mask=so < k)

@@ -8,6 +8,7 @@ timed afterwards are the real ones. Dense uses transformers' StaticCache filled 
 Each method's steps are timed in interleaved rounds; the minimum per-token time of each is reported.
 
     python benchmarks/bench_compile.py --lengths 8192 32768 [--threads 1] [--steps 8] [--rounds 3]
+    python benchmarks/bench_compile.py --device cuda --mode reduce-overhead --lengths 32768 --layers 4   # GPU
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import pqpatch  # noqa: E402
 from pqpatch.cache import PQCache  # noqa: E402
 
 
-def build_model(layers: int, max_pos: int):
+def build_model(layers: int, max_pos: int, device: str = "cpu"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=max_pos)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).eval().to(device)
     model.generation_config.pad_token_id = 0
     return model
 
@@ -70,7 +71,7 @@ def filled_cache(model, n: int, new: int, patched: bool):
     """A cache holding n real-token positions (module doc), with room for `new` decode steps."""
     from transformers import StaticCache
 
-    ids = torch.randint(1, model.config.vocab_size, (1, n))
+    ids = torch.randint(1, model.config.vocab_size, (1, n), device=model.device)
     if patched:
         cache = PQCache(model, max_cache_len=n + new)
         with fill_mode():
@@ -91,29 +92,37 @@ def filled_cache(model, n: int, new: int, patched: bool):
 @torch.no_grad()
 def time_steps(step, cache, steps: int) -> float:
     """Seconds per decode step over `steps` steps of `step(token, cache)` (the cache is rewound afterwards)."""
-    tok = torch.ones(1, 1, dtype=torch.long)
+    tok = torch.ones(1, 1, dtype=torch.long, device=cache.layers[0].device)
+    _sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step(tok, cache)
+    _sync()
     dt = (time.perf_counter() - t0) / steps
     cache.crop(-steps)
     return dt
 
 
-def run(n: int, steps: int, rounds: int, layers: int, budget: float, backend: str = "auto") -> dict:
-    model = build_model(layers, n + 64)
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run(n: int, steps: int, rounds: int, layers: int, budget: float, backend: str = "auto", device: str = "cpu",
+        mode: str | None = None) -> dict:
+    model = build_model(layers, n + 64, device)
     dense_cache = filled_cache(model, n, steps + 1, patched=False)
     eager_step = lambda t, c: model(t, cache=c)  # noqa: E731
-    compiled = torch.compile(lambda t, c: model(t, cache=c), fullgraph=True, dynamic=False)
+    compiled = torch.compile(lambda t, c: model(t, cache=c), fullgraph=True, dynamic=False, mode=mode)
     times = {"dense": [], "dense_compiled": []}
     for _ in range(2):  # warm-up: compile the dense graph
-        compiled(torch.ones(1, 1, dtype=torch.long), dense_cache)
+        compiled(torch.ones(1, 1, dtype=torch.long, device=device), dense_cache)
     dense_cache.crop(-2)
     pqpatch.patch_model(model, pqpatch.PQCacheConfig(token_budget=budget, backend=backend))
     pq_cache = filled_cache(model, n, steps + 1, patched=True)
-    compiled_pq = torch.compile(lambda t, c: model(t, cache=c), fullgraph=True, dynamic=False)
+    compiled_pq = torch.compile(lambda t, c: model(t, cache=c), fullgraph=True, dynamic=False, mode=mode)
     for _ in range(2):
-        compiled_pq(torch.ones(1, 1, dtype=torch.long), pq_cache)
+        compiled_pq(torch.ones(1, 1, dtype=torch.long, device=device), pq_cache)
     pq_cache.crop(-2)
     times.update(pq_eager=[], pq_compiled=[])
     for _ in range(rounds):  # interleaved rounds, same process
@@ -138,11 +147,14 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mode", default=None, help="torch.compile mode (reduce-overhead: CUDA graphs)")
     ap.add_argument("--out", default="results/bench_compile.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)  # inference: the pqpatch ops have no autograd formula
-    rows = [run(n, args.steps, args.rounds, args.layers, args.budget, args.backend) for n in args.lengths]
+    rows = [run(n, args.steps, args.rounds, args.layers, args.budget, args.backend, args.device, args.mode)
+            for n in args.lengths]
     print(f"{'context':>8} | " + " | ".join(f"{k:>15}" for k in rows[0]["ms_per_token"]))
     for r in rows:
         cells = [f"{v:8.2f} ({r['ratio_vs_dense'][k]:.2f}x)" for k, v in r["ms_per_token"].items()]

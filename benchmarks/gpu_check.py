@@ -111,6 +111,10 @@ STEPS: list[Step] = [
     # a model split over 2 GPUs decodes like one GPU, kernels on a non-current GPU (skipped with fewer than 2 GPUs)
     Step("multi_gpu", [PY, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
                        "tests/test_multigpu.py"], 180, _pytest_summary),
+    # eager vs compiled (CUDA graphs) pqpatch vs dense ms/token, Llama-3-8B attention shape, 4 layers, 32K
+    Step("bench_compile", [PY, "benchmarks/bench_compile.py", "--device", "cuda", "--mode", "reduce-overhead",
+                           "--lengths", "32768", "--layers", "4", "--threads", "4", "--steps", "16",
+                           "--out", str(RESULTS / "bench_compile.json")], 240, lambda out: out.strip().splitlines()[-2:]),
 ]
 
 

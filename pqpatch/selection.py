@@ -66,13 +66,23 @@ def observation_attention(
     return out / (w * g)
 
 
-def snapkv_indices(attention: torch.Tensor, lo: torch.Tensor, hi: int, k: int, slots: int) -> torch.Tensor:
+SNAPKV_POOL = 7  # SnapKV's pooling kernel over positions
+
+
+def snapkv_indices(attention: torch.Tensor, lo: torch.Tensor, hi: int, k: int, slots: int,
+                   pool: int = SNAPKV_POOL) -> torch.Tensor:
     """The "snapkv" selection, made once at prefill: per KV head, the k candidates lo[b] <= n < hi with the most
-    observation-window attention (`observation_attention`), best first, padded with -1 to `slots` entries.
+    observation-window attention (`observation_attention`) after SnapKV's average pooling over `pool`
+    neighbouring positions, best first, padded with -1 to `slots` entries. Why the pooling: a token that matters
+    drags its neighbours along (a number's later digits get less attention from the question than its first),
+    and keeping them whole is what SnapKV's pooling is for; pool=1 is the plain top-k.
 
     attention: [B, Hkv, n] float32; lo: [B] (device); hi: python int. Returns [B, Hkv, slots] int64.
     """
     b, h, n = attention.shape
+    if pool > 1:
+        attention = torch.nn.functional.avg_pool1d(attention, pool, stride=1, padding=pool // 2,
+                                                   count_include_pad=False)[..., :n]
     pos = torch.arange(n, device=attention.device)
     cand = (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi)  # [B, n]
     score = attention.masked_fill(~cand[:, None, :], float("-inf"))

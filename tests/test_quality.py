@@ -162,10 +162,14 @@ def test_weighted_kmeans_config_is_validated():
 # ---- snapkv (eviction baseline) -------------------------------------------------------------------------------
 def test_snapkv_indices_take_the_most_attended_candidates():
     att = torch.tensor([[[0.30, 0.01, 0.20, 0.05, 0.25, 0.10, 0.09]]])  # [B=1, Hkv=1, n=7]
-    idx = snapkv_indices(att, torch.tensor([1]), 6, 3, 5)  # candidates 1..5 (0 is a sink, 6 the window)
+    idx = snapkv_indices(att, torch.tensor([1]), 6, 3, 5, pool=1)  # candidates 1..5 (0 a sink, 6 the window)
     assert idx.tolist() == [[[4, 2, 5, -1, -1]]]
-    idx = snapkv_indices(att, torch.tensor([4]), 6, 3, 3)  # only 2 candidates: the rest stays empty
+    idx = snapkv_indices(att, torch.tensor([4]), 6, 3, 3, pool=1)  # only 2 candidates: the rest stays empty
     assert idx.tolist() == [[[4, 5, -1]]]
+    # SnapKV's pooling: a lone peak's neighbours beat an isolated runner-up
+    att = torch.tensor([[[0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0]]])
+    assert snapkv_indices(att, torch.tensor([0]), 12, 2, 2, pool=1).tolist() == [[[3, 8]]]
+    assert sorted(snapkv_indices(att, torch.tensor([0]), 12, 3, 3, pool=3)[0, 0].tolist()) == [2, 3, 4]
 
 
 def _gen(model, ids, **kw):
@@ -203,7 +207,8 @@ def test_snapkv_selection_is_fixed_at_prefill_and_full_budget_is_dense():
             steps = seen[layer.layer_idx]
             assert len(steps) == 5 and all(torch.equal(s, steps[0]) for s in steps)  # fixed
             lo, hi = 4, 120 - 8
-            want = layer.obs_attn[0, :, lo:hi].topk(28, dim=-1).indices + lo  # [Hkv, 28]
+            pooled = torch.nn.functional.avg_pool1d(layer.obs_attn, 7, 1, 3, count_include_pad=False)
+            want = pooled[0, :, lo:hi].topk(28, dim=-1).indices + lo  # [Hkv, 28]
             assert torch.equal(steps[0][0].sort(-1).values, want.sort(-1).values)
     finally:
         pqpatch.unpatch_model(model)

@@ -34,7 +34,7 @@ def test_parse_budget():
 def test_eval_defaults_and_lists():
     a = cli.build_parser().parse_args(["eval", "niah"])
     assert a.task == ("niah",) and a.lengths == (2048, 4096, 8192, 16384) and a.budgets == (0.05, 0.1, 0.2)
-    assert a.methods == ("dense", "pq", "oracle", "streaming", "quest") and a.model is None
+    assert a.methods == ("dense", "pq", "oracle", "streaming", "quest", "snapkv") and a.model is None
     a = cli.build_parser().parse_args(
         ["eval", "kl,recall", "--lengths", "2k,4k", "--budgets", "0.1,256", "--methods", "pq,oracle",
          "--depths", "0,1", "--out", "x", "--sink-tokens", "8"]

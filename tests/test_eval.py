@@ -186,12 +186,12 @@ def test_run_eval_passkey_end_to_end(tmp_path):
     res = run_eval(model, CharCodec(), s, progress=False)
     assert getattr(model, "_pqpatch", None) is None  # patched for the run only
     recs = res["records"]
-    assert len(recs) == 2 * 2 * (1 + 4 * 2)
-    assert {r["method"] for r in recs} == {"dense", "pq", "oracle", "streaming", "quest"}
+    assert len(recs) == 2 * 2 * (1 + 5 * 2)
+    assert {r["method"] for r in recs} == {"dense", "pq", "oracle", "streaming", "quest", "snapkv"}
     assert all(0.0 <= r["score"] <= 1.0 and r["s_per_token"] > 0 for r in recs)
     paths = write_outputs(res, tmp_path)
     assert (tmp_path / "passkey.json").is_file() and json.loads((tmp_path / "passkey.json").read_text())["records"]
-    assert sum(p.suffix == ".png" for p in paths) == (5 if HAVE_MPL else 0)  # a heatmap per method
+    assert sum(p.suffix == ".png" for p in paths) == (6 if HAVE_MPL else 0)  # a heatmap per method
     assert "| pq @0.1 |" in summary_markdown(res)
 
 

@@ -17,7 +17,12 @@ import logging
 
 import torch
 
-from . import ops as _ops
+# Absolute, not relative: a source checkout on sys.path also exposes this folder as a top-level `kernels` package
+# (transformers imports `kernels` to probe for Hugging Face's package of that name). A relative import would then
+# run ops.py a second time as `kernels.ops`, registering the torch.library ops again, which tears down the first
+# registration and leaves every caller holding dangling operator handles (seen as random segfaults). Imported
+# absolutely, ops.py runs once, as pqpatch.kernels.ops, whichever name this package was imported under.
+from pqpatch.kernels import ops as _ops  # noqa: E402
 from . import reference as ref
 
 __all__ = ["pq_topk", "exact_topk", "pq_assign", "sparse_decode_attention", "resolve_backend", "last_fallback"]

@@ -91,6 +91,7 @@ class PQLayer(StaticLayer):
         """Drop the PQ state (not the K/V buffers)."""
         self.active = False  # sparse decoding on (prompt >= min_context)
         self.future: Future | None = None
+        self._finished: Future | None = None  # the last collected job (see `sync`)
         self.centroids: torch.Tensor | None = None  # [B, Hkv, m, K, Ds] float32
         self.codes: torch.Tensor | None = None  # [B, Hkv, max_len, m] uint8
         self.pages: QuestPages | None = None
@@ -135,12 +136,12 @@ class PQLayer(StaticLayer):
         """A copy with its own K/V buffers whose decode follows `config` (None: dense). The PQ state is
         rebuilt from the copied keys, as if the prefill had run under `config`."""
         self.sync()
-        pool, obs = self.pool, self.observers
-        self.pool, self.observers = None, ()  # a thread pool cannot be deep-copied
+        pool, obs, done = self.pool, self.observers, self._finished
+        self.pool, self.observers, self._finished = None, (), None  # thread pools and futures cannot be copied
         try:
             new = copy.deepcopy(self)
         finally:
-            self.pool, self.observers = pool, obs
+            self.pool, self.observers, self._finished = pool, obs, done
         new.pool = pool
         new._configure(config or self.cfg)
         new._clear()
@@ -300,7 +301,9 @@ class PQLayer(StaticLayer):
         if self.future is None:
             return
         book = self.future.result()
-        self.future = None
+        # keep the finished future (and its Codebook) referenced from this thread: if the pool thread dropped the
+        # last reference, the Codebook's tensors would be freed there while decoding starts here
+        self._finished, self.future = self.future, None
         self.centroids.copy_(book.centroids)
         starts = self.start.tolist()
         for i, q in enumerate(book.codes):

@@ -67,7 +67,8 @@ class OffloadPQLayer(PQLayer):
         block = self.cfg.cache_block_tokens
         self.block = block
         self.window = self.local_slots + 1
-        self.cap = (self.cfg.gpu_cache_tokens // block) * block
+        # never more block cache than the candidates can fill: a short prompt must not pin a long-context cache
+        self.cap = (max(0, min(self.cfg.gpu_cache_tokens, n - self.sink_slots - self.window)) // block) * block
         self.ring0 = self.sink_slots
         self.cache0 = self.ring0 + self.window
         self.stage0 = self.cache0 + self.cap

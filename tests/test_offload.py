@@ -213,3 +213,14 @@ def test_offload_full_budget_equals_dense_odd_sizes(prompt, heads, kv_heads, hea
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_buffers_follow_a_short_context():
+    """A 100-token prompt with the default 2048-token block cache: the resident buffers (sink, window, block cache,
+    staging, codes) must not outgrow the dense K/V of the context (they were 21x dense)."""
+    model = tiny_model("llama")
+    pqpatch.patch_model(model, pqpatch.PQCacheConfig(token_budget=0.2, min_context=16, offload=True, bits=4,
+                                                     sink_tokens=4))
+    model.generate(torch.randint(1, 96, (1, 100)), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    st = pqpatch.stats(model)
+    assert st.gpu_kv_bytes <= st.dense_kv_bytes, st

@@ -7,6 +7,15 @@ from conftest import tiny_model
 
 import pqpatch
 from pqpatch import PQCacheConfig
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compile tests start and end with an empty dynamo cache: graphs of other tests' configs compile the same
+    code objects and would count against the recompile limit (fullgraph turns that into a failure)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 from pqpatch.cache import PQLayer
 from pqpatch.clustering import ClusterPool
 from pqpatch.codebook import faiss_available, kmeans_torch, train_pq
@@ -214,7 +223,7 @@ def test_snapkv_selection_is_fixed_at_prefill_and_full_budget_is_dense():
         pqpatch.unpatch_model(model)
 
 
-def test_snapkv_compiles_whole():
+def test_snapkv_compiles_whole(fresh_dynamo):
     """The fixed selection is a preallocated tensor: generate() with a fullgraph compile config gives eager's
     tokens with one graph."""
     from transformers import CompileConfig
@@ -357,7 +366,7 @@ def test_rerank_with_a_shortlist_covering_every_candidate_is_the_oracle(quantize
 
 @pytest.mark.parametrize("fields", [dict(quantizer="residual"), dict(rerank=3), dict(quantizer="residual", rerank=2,
                                                                                        weighted_kmeans=True)])
-def test_quality_options_keep_full_budget_dense_and_compile_whole(fields):
+def test_quality_options_keep_full_budget_dense_and_compile_whole(fields, fresh_dynamo):
     from transformers import CompileConfig
 
     class Backend:

@@ -11,6 +11,15 @@ from pqpatch.cache import PQLayer, bucket_length
 NEW = 12
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles a new model's forward: dynamo keys its cache (and its recompile limit of 8) by code
+    object, so graphs of earlier tests' models would count against this test's limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 class Counter:
     """A torch.compile backend that counts the graphs it is handed (a recompile or a graph break adds one)."""
 

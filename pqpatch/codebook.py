@@ -225,11 +225,9 @@ def train_pq(
     x = keys.float().reshape(h, n, m, ds).permute(0, 2, 1, 3).reshape(h * m, n, ds).contiguous()
     _check_finite(x, where)
     x, scale = _rescale(x)
-    w = None
-    if weights is not None:
-        if tuple(weights.shape) != (h, n):
-            raise ValueError(f"k-means weights must be [Hkv, n] = {(h, n)}, got {tuple(weights.shape)}")
-        w = weights.float().repeat_interleave(m, dim=0).contiguous()  # [Hkv * m, n]: problem order (h, j)
+    w = _checked_weights(weights, h, n)
+    if w is not None:
+        w = w.repeat_interleave(m, dim=0).contiguous()  # [Hkv * m, n]: problem order (h, j)
     if use_faiss is None:
         use_faiss = default_use_faiss()
     if use_faiss:
@@ -239,6 +237,15 @@ def train_pq(
     if scale is not None:
         cent = cent * scale
     return cent.reshape(h, m, k, ds), codes.reshape(h, m, n).permute(0, 2, 1).contiguous()
+
+
+def _checked_weights(weights: torch.Tensor | None, h: int, n: int) -> torch.Tensor | None:
+    """k-means weights [Hkv, n] as contiguous float32, or None; a wrong shape is a ValueError."""
+    if weights is None:
+        return None
+    if tuple(weights.shape) != (h, n):
+        raise ValueError(f"k-means weights must be [Hkv, n] = {(h, n)}, got {tuple(weights.shape)}")
+    return weights.float().contiguous()
 
 
 def train_rq(
@@ -259,11 +266,7 @@ def train_rq(
     x = keys.float().contiguous()
     _check_finite(x, where)
     x, scale = _rescale(x)
-    w = None
-    if weights is not None:
-        if tuple(weights.shape) != (h, n):
-            raise ValueError(f"k-means weights must be [Hkv, n] = {(h, n)}, got {tuple(weights.shape)}")
-        w = weights.float().contiguous()
+    w = _checked_weights(weights, h, n)
     if use_faiss is None:
         use_faiss = default_use_faiss()
     cents, codes = [], []

@@ -209,3 +209,26 @@ def test_stats_follow_a_call_with_the_callers_cache():
                    pad_token_id=0)
     st = pqpatch.stats(model)
     assert st is not first and st.steps == 2 * 29
+
+
+def test_calls_that_end_before_decoding_leave_no_queued_kmeans(monkeypatch):
+    """max_new_tokens=1 ends before the first decode step: its k-means jobs must be dropped, not left queued for the
+    next call to wait behind (three 1-token calls turned a 6 s call into 20 s)."""
+    import pqpatch.clustering as clustering
+
+    gate, ran = threading.Event(), []
+    real = clustering.train_pq
+
+    def gated(*a, **k):
+        ran.append(1)
+        assert gate.wait(timeout=30)
+        return real(*a, **k)
+
+    monkeypatch.setattr(clustering, "train_pq", gated)
+    model = tiny_model("llama")
+    pqpatch.patch_model(model, _full(num_threads=1))
+    for _ in range(3):  # 2 layers x 3 calls = 6 jobs; the first blocks the single pool thread
+        model.generate(torch.randint(1, 96, (1, PROMPT)), max_new_tokens=1, do_sample=False, pad_token_id=0)
+    gate.set()
+    assert model._pqpatch.pool.drain(timeout=30)
+    assert len(ran) == 1  # only the job already running when its call ended; the 5 queued ones never ran

@@ -11,7 +11,8 @@ import torch
 class CacheStats:
     """Totals over the PQ layers of one cache. Byte counts are per whole cache, not per layer.
 
-    steps: sparse decode steps summed over layers; requested / hits / misses (offload only, else 0): selected
+    steps: sparse layer-steps: tokens decoded after the prefill, summed over the active PQ layers (offload: its
+    own counter); requested / hits / misses (offload only, else 0): selected
     top-k tokens and how many were found in the GPU block cache — hits + misses == requested; bytes_h2d /
     bytes_d2h (offload only): host transfers; gpu_kv_bytes: K/V bytes on the compute device for the PQ layers (codes and centroids included);
     dense_kv_bytes: what a dense cache of the same length would hold for them.

@@ -91,7 +91,6 @@ class PQLayer(StaticLayer):
         """Drop the PQ state (not the K/V buffers)."""
         self.active = False  # sparse decoding on (prompt >= min_context)
         self.future: Future | None = None
-        self._finished: Future | None = None  # the last collected job (see `sync`)
         self.centroids: torch.Tensor | None = None  # [B, Hkv, m, K, Ds] float32
         self.codes: torch.Tensor | None = None  # [B, Hkv, max_len, m] uint8
         self.pages: QuestPages | None = None
@@ -136,12 +135,12 @@ class PQLayer(StaticLayer):
         """A copy with its own K/V buffers whose decode follows `config` (None: dense). The PQ state is
         rebuilt from the copied keys, as if the prefill had run under `config`."""
         self.sync()
-        pool, obs, done = self.pool, self.observers, self._finished
-        self.pool, self.observers, self._finished = None, (), None  # thread pools and futures cannot be copied
+        pool, obs = self.pool, self.observers
+        self.pool, self.observers = None, ()  # a thread pool cannot be deep-copied
         try:
             new = copy.deepcopy(self)
         finally:
-            self.pool, self.observers, self._finished = pool, obs, done
+            self.pool, self.observers = pool, obs
         new.pool = pool
         new._configure(config or self.cfg)
         new._clear()
@@ -301,9 +300,7 @@ class PQLayer(StaticLayer):
         if self.future is None:
             return
         book = self.future.result()
-        # keep the finished future (and its Codebook) referenced from this thread: if the pool thread dropped the
-        # last reference, the Codebook's tensors would be freed there while decoding starts here
-        self._finished, self.future = self.future, None
+        self.future = None
         self.centroids.copy_(book.centroids)
         starts = self.start.tolist()
         for i, q in enumerate(book.codes):
@@ -435,7 +432,8 @@ class PQCache(StaticCache):
     def sync(self) -> None:
         """Wait for every layer's pending k-means and fill its codebook (eager; before the first decode step)."""
         for layer in self.pq_layers():
-            layer.sync()
+            if layer.future is not None:  # generate() calls this before every step: skip the eager call when done
+                layer.sync()
 
     def ensure_capacity(self, context_len: int) -> None:
         """Make room for a conversation of context_len tokens (prompt so far + new turn + answer) and re-split the

@@ -141,17 +141,6 @@ class ClusterPool:
         where = f"layer {layer}" if layer is not None else "a layer"
 
         def job() -> Codebook:
-            try:
-                return train()
-            finally:
-                # Drop the inputs here, before the future completes: the executor frees a finished work item
-                # (and with it this closure) after waking the waiting decode step, and a tensor freed on this
-                # thread at that moment raced with the main thread's first custom-op call (segfaults seen in CI-like
-                # runs); freed now, nothing but the Codebook outlives the job.
-                nonlocal host, wts
-                host = wts = None
-
-        def train() -> Codebook:
             if ready is not None:
                 ready.synchronize()
             if wready is not None:

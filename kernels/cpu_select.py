@@ -9,10 +9,11 @@ Why it is fast (m = 2 sub-spaces, b bits, K = 2**b centroids, n candidate tokens
     so with the histogram C[c1, c0] of joint codes (one bincount) the softmax denominators are a bilinear form
     Z[g] = e1[g] . C . e0[g] and the group score of every *code* is one rank-G matmul, S = e1^T diag(1/Z) e0.
     Nothing per token is exponentiated; a token's score is S[j].
-  * Top-k by radix select on the scores' float bits (non-negative floats order like their int32 bits), three
-    digits of 11/11/9 bits, each one bincount + one cumsum. In the code domain the histogram is weighted by the
-    code counts, so the select costs O(K^2) instead of O(n); whichever of the code table and the token list is
-    smaller is searched.
+  * Top-k by a threshold: over a token list, the k-th largest score from `torch.topk`'s values (the code table is
+    built in float32 there, float64 only when a denominator or the threshold nears float32's underflow); over the
+    code table (fewer codes than tokens), a radix select on the scores' float bits (non-negative floats order like
+    their int32 bits), three digits of 11/11/9 bits, each one bincount weighted by the code counts, so the select
+    costs O(K^2) instead of O(n).
   * The selected set is emitted with one `nonzero` in position order, which also gives the sparse attention
     ascending (cache-friendly) row indices.
 m = 1 uses the same code-domain path; other m, and short candidate lists whose code table would be larger than 2 G n
@@ -32,6 +33,11 @@ __all__ = ["pq_topk_cpu", "radix_threshold"]
 _DIGITS = ((20, 11), (9, 11), (0, 9))
 # below this a softmax denominator built from float64 factors is treated as underflow (then: per-token scores)
 _TINY = 1e-290
+# the same for float32 factors: a denominator this far below 1 means the best token sits > ~46 nats under the
+# per-sub-space maxima, where float32 products would lose tokens the reference still ranks (then: float64)
+_TINY32 = 1e-20
+# a float32 code-table threshold below this is in float32's underflow zone: the selection is redone in float64
+_LOW32 = 1e-30
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -99,29 +105,59 @@ def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int) -> torch.Tensor:
     n = codes.shape[1]
     # the code table costs ~ its 256 * K (m = 2) entries, per-token scoring ~ G * n gathers: pick the cheaper
     table_entries = 256 * kc if m == 2 else kc
-    found = _code_scores(lut, codes) if m <= 2 and table_entries <= 2 * g * n else None
+    use_table = m <= 2 and table_entries <= 2 * g * n
+    if use_table and (256 if m == 2 else 1) * kc >= n:  # more codes than tokens: rank tokens by a float32 table
+        found = _code_scores(lut, codes)
+        if found is not None:
+            table, _, joint, width = found
+            padded = torch.nn.functional.pad(table, (0, width - table.shape[2])).view(-1)
+            pos = _select_tokens(padded.index_select(0, joint).view(h, n), kk, min_thr=_LOW32)
+            if pos is not None:
+                return pos
+        # a denominator or the threshold fell where float32 underflows: the float64 table below
+    found = _code_scores(lut, codes, wide=True) if use_table else None
     if found is None:
-        keys = _token_scores(lut, codes).view(torch.int32)  # [Hkv, n]
-        thr, need = radix_threshold(keys, None, kk)
-        above, tie = keys > thr[:, None], keys == thr[:, None]
-    else:
-        table, counts, joint, width = found  # [Hkv, R, K] float32 / float64, [Hkv * n] int32, row stride of joint
-        tab_keys = table.view(torch.int32)
-        if tab_keys[0].numel() < n:  # fewer codes than tokens: search the code table, weighted by code counts
-            thr, need = radix_threshold(tab_keys.reshape(h, -1), counts.reshape(h, -1), kk)
-            # class of every code (2 above, 1 at the threshold, 0 below), padded to the joint code's row stride
-            cls = (tab_keys > thr[:, None, None]).to(torch.int8) * 2 + (tab_keys == thr[:, None, None])
-            cls = torch.nn.functional.pad(cls, (0, width - cls.shape[2])).view(-1)
-            cls = cls.index_select(0, joint).view(h, n)  # one byte per token
-            above, tie = cls == 2, cls == 1
-        else:
-            padded = torch.nn.functional.pad(tab_keys, (0, width - tab_keys.shape[2])).view(-1)
-            keys = padded.index_select(0, joint).view(h, n)
-            thr, need = radix_threshold(keys, None, kk)
-            above, tie = keys > thr[:, None], keys == thr[:, None]
+        return _select_tokens(_token_scores(lut, codes), kk)
+    table, counts, joint, width = found  # [Hkv, R, K] float32 / float64, [Hkv * n] int32, row stride of joint
+    if table[0].numel() >= n:
+        padded = torch.nn.functional.pad(table, (0, width - table.shape[2])).view(-1)
+        return _select_tokens(padded.index_select(0, joint).view(h, n), kk)
+    # fewer codes than tokens: search the code table, weighted by code counts
+    tab_keys = table.view(torch.int32)
+    thr, need = radix_threshold(tab_keys.reshape(h, -1), counts.reshape(h, -1), kk)
+    # class of every code (2 above, 1 at the threshold, 0 below), padded to the joint code's row stride
+    cls = (tab_keys > thr[:, None, None]).to(torch.int8) * 2 + (tab_keys == thr[:, None, None])
+    cls = torch.nn.functional.pad(cls, (0, width - cls.shape[2])).view(-1)
+    cls = cls.index_select(0, joint).view(h, n)  # one byte per token
+    above, tie = cls == 2, cls == 1
     # ties at the threshold: the first `need` of them in position order
     tie &= tie.cumsum(-1, dtype=torch.int32) <= need[:, None]
     pos = above.logical_or_(tie).nonzero()[:, 1]
+    if pos.numel() != h * kk:  # cannot happen unless the scores are NaN
+        raise RuntimeError(f"pq_topk_cpu selected {pos.numel()} tokens for {h} x {kk} slots (NaN scores?)")
+    return pos.view(h, kk)
+
+
+def _select_tokens(scores: torch.Tensor, kk: int, min_thr: float | None = None) -> torch.Tensor | None:
+    """The kk best of n per-token scores, ties to the earliest positions. scores: [Hkv, n] float32, non-negative
+    (no NaN); 0 < kk < n. Returns [Hkv, kk] int64 positions in ascending order.
+
+    The threshold (the kk-th largest score) comes from `torch.topk`'s values, which on CPU is ~2x cheaper than
+    the three bincount passes of `radix_threshold` over a token list; the positions are then taken in position
+    order by comparing against it, so the result does not depend on topk's order or tie handling.
+    """
+    h, n = scores.shape
+    thr = torch.topk(scores, kk, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # [Hkv, 1]
+    if min_thr is not None and not bool((thr >= min_thr).all()):
+        return None  # the caller recomputes the scores with more range
+    keep = scores >= thr
+    count = keep.sum(dim=-1)
+    if not bool((count == kk).all()):  # ties at the threshold: every score above it, then the first ties
+        above = scores > thr
+        tie = keep.logical_xor_(above)
+        need = kk - above.sum(dim=-1, keepdim=True)
+        keep = above.logical_or_(tie & (tie.cumsum(-1, dtype=torch.int32) <= need))
+    pos = keep.nonzero()[:, 1]
     if pos.numel() != h * kk:  # cannot happen unless the scores are NaN
         raise RuntimeError(f"pq_topk_cpu selected {pos.numel()} tokens for {h} x {kk} slots (NaN scores?)")
     return pos.view(h, kk)
@@ -140,24 +176,28 @@ def _joint_codes(codes: torch.Tensor, stride: int) -> torch.Tensor:
     return j.view(-1)
 
 
-def _code_scores(lut: torch.Tensor, codes: torch.Tensor):
+def _code_scores(lut: torch.Tensor, codes: torch.Tensor, wide: bool = False):
     """Group score of every joint code (m = 1 or 2), or None if a softmax denominator underflows.
 
     lut: [Hkv, m, G, K] float32 (scaled); codes: [Hkv, n, m] uint8. Returns (scores [Hkv, R, K] float32,
-    counts [Hkv, R, K] float64 candidates per code, joint [Hkv * n] int32, width): R = K rows (c1) for m = 2, 1 for
-    m = 1; a token's code sits at row-major position c1 * width + c0 of head h's block of R * width.
+    counts [Hkv, R, K] candidates per code (float64 if wide else float32), joint [Hkv * n] int32, width): R = K
+    rows (c1) for m = 2, 1 for m = 1; a token's code sits at row-major position c1 * width + c0 of head h's block.
+    wide=False computes the factors in float32 (half the memory traffic of float64, and no conversions): exact
+    enough while the denominators stay far from underflow (checked: None is returned below _TINY32, and the
+    caller re-runs wide=True); wide=True keeps float64's range for very peaked queries.
     """
     h, m, g, kc = lut.shape
     width = 256 if m == 2 else kc
     rows = kc if m == 2 else 1
+    dt = torch.float64 if wide else torch.float32
     joint = _joint_codes(codes, rows * width)
-    counts = torch.bincount(joint, minlength=h * rows * width).view(h, rows, width)[:, :, :kc].double()
-    # per-sub-space softmax factors, each <= 1 (max over all K centroids subtracted), float64 for range
-    e = (lut - lut.amax(dim=-1, keepdim=True)).double().exp_()  # [H, m, G, K]
+    counts = torch.bincount(joint, minlength=h * rows * width).view(h, rows, width)[:, :, :kc].to(dt)
+    # per-sub-space softmax factors, each <= 1 (max over all K centroids subtracted)
+    e = (lut - lut.amax(dim=-1, keepdim=True)).to(dt).exp_()  # [H, m, G, K]
     e0 = e[:, 0]  # [H, G, K]: factor of c0
     e1 = e[:, 1].transpose(1, 2) if m == 2 else e.new_ones(h, 1, g)  # [H, R, G]: factor of c1
     z = (torch.bmm(counts, e0.transpose(1, 2)) * e1).sum(dim=1)  # [H, G]: sum_n p_g(n) before normalising
-    if not bool((z > _TINY).all()):
+    if not bool((z > (_TINY if wide else _TINY32)).all()):
         return None
     scores = torch.bmm(e1 / z[:, None, :], e0).float()  # [H, R, K]: sum_g e1 e0 / Z_g
     return scores, counts, joint, width

@@ -12,10 +12,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG0
     if not ROWS:
         return
     tr = terminalreporter
+    model_rows = [r for r in ROWS if r.get("kind") in ("model", "counter")]
+    step_rows = [r for r in ROWS if r.get("kind") not in ("model", "counter")]
+    if model_rows:
+        tr.section("pqpatch end to end (default config vs the unpatched model, same process; min of interleaved rounds)")
+        for r in model_rows:
+            if r["kind"] == "counter":
+                tr.write_line(f"{r['name']:<48} {r['verdict']}")
+            else:
+                tr.write_line(f"{r['name']:<22} N={r['n']:>6}  dense {r['dense_ms']:9.1f} ms  pqpatch {r['pq_ms']:9.1f} "
+                              f"ms  {r['verdict']}")
+    if not step_rows:
+        return
     tr.section("pqpatch decode-step benchmark (min of interleaved rounds; ratios vs dense SDPA of the same rounds)")
     tr.write_line(f"{'N':>7} {'bits':>4} {'dtype':<8} {'dense ms':>9} {'topk ms':>8} {'attn ms':>8} {'step ms':>8} "
                   f"{'step/dense':>10} {'topk/dense':>10} {'floor ms':>8} {'floor/dense':>11} {'gather ms':>9}  verdict")
-    for r in ROWS:
+    for r in step_rows:
         tr.write_line(f"{r['n']:>7} {r['bits']:>4} {r['dtype']:<8} {r['dense_ms']:9.2f} {r['topk_ms']:8.2f} "
                       f"{r['attn_ms']:8.2f} {r['step_ms']:8.2f} {r['step_vs_dense']:10.3f} "
                       f"{r['select_vs_dense']:10.3f} {r['floor_ms']:8.2f} {r['floor_vs_dense']:11.3f} {r['gather_ms']:9.2f}  "

@@ -118,6 +118,25 @@ def test_pq_topk_cpu_underflowing_code_table_falls_back_to_token_scores(monkeypa
     assert_topk_rule(idx, x, 100, 30.0)
 
 
+@pytest.mark.parametrize("scale", [0.1, 3.0, 12.0])
+def test_pq_topk_cpu_float32_code_table_redoes_peaked_queries_in_float64(monkeypatch, scale):
+    """b = 8 over fewer tokens than codes ranks tokens through a float32 code table. A peaked query (large scaling)
+    drives the denominators or the k-th score toward float32's underflow: the op must notice (either guard) and
+    redo the table in float64, and the selection must obey the rule on the reference's scores either way. Mild
+    queries must stay in float32."""
+    x = _pq_inputs(int(scale * 10), 1, 2, 4, 64, 2, 8, 9000)
+    wide, real = [], cpu_select._code_scores
+    monkeypatch.setattr(cpu_select, "_code_scores", lambda lut, codes, wide_=False, **kw: (
+        wide.append(kw.get("wide", wide_)) or real(lut, codes, **kw)))
+    idx = kernels.pq_topk(**x, k=1500, scaling=scale, backend="cpu")
+    assert_topk_rule(idx, x, 1500, scale)
+    assert wide[0] is False  # the float32 table is tried first
+    if scale == 0.1:
+        assert wide == [False]  # no redo for a mild query
+    if scale == 12.0:
+        assert True in wide  # the float64 redo did run on this peaked query
+
+
 def test_pq_topk_cpu_ties_are_resolved_by_position():
     """m = 1 with 4 codes: thousands of exact ties; exactly k taken, the earliest ones at the threshold."""
     x = _pq_inputs(5, 1, 1, 2, 32, 1, 2, 2000)

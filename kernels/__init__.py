@@ -1,14 +1,14 @@
 """pqpatch tensor ops with backend dispatch.
 
-`backend="torch"` runs the PyTorch reference (`kernels.reference`), `backend="cpu"` the CPU fast paths
-(`kernels.cpu_select`, `kernels.cpu_attention`), `backend="triton"` the Triton kernels, and `backend="auto"` picks
-"cpu" for CPU tensors, Triton for CUDA tensors when triton is installed, and the reference elsewhere. When "auto"
-has to fall back to the reference on CUDA (triton missing) it logs a warning once and records it in
-`kernels.last_fallback`, so a slow GPU run can be explained after the fact.
+`backend="torch"` runs the PyTorch reference (`kernels.reference`, `kernels.quality`), `backend="cpu"` the CPU fast
+paths (`kernels.cpu_select`, `kernels.cpu_attention`, `kernels.cpu_rerank`), `backend="triton"` the Triton kernels,
+and `backend="auto"` picks "cpu" for CPU tensors, Triton for CUDA tensors when triton is installed, and the reference
+elsewhere. When "auto" has to fall back to the reference on CUDA (triton missing) it logs a warning once and records
+it in `kernels.last_fallback`, so a slow GPU run can be explained after the fact.
 Shapes are documented in `kernels.reference`. Nothing here imports transformers or triton at import time.
 
-pq_topk, pq_assign and sparse_decode_attention call the torch.library ops `torch.ops.pqpatch.*` (`kernels.ops`), so
-torch.compile(fullgraph=True) keeps them in one graph on every backend.
+pq_topk, pq_assign, sparse_decode_attention and rerank_topk call the torch.library ops `torch.ops.pqpatch.*`
+(`kernels.ops`), so torch.compile(fullgraph=True) keeps them in one graph on every backend.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch
 from pqpatch.kernels import ops as _ops  # noqa: E402
 from . import reference as ref
 
-__all__ = ["pq_topk", "exact_topk", "pq_assign", "sparse_decode_attention", "resolve_backend", "last_fallback"]
+__all__ = ["pq_topk", "exact_topk", "pq_assign", "sparse_decode_attention", "rerank_topk", "resolve_backend",
+           "last_fallback"]
 
 _BACKENDS = ("auto", "torch", "cpu", "triton")
 _log = logging.getLogger(__name__)
@@ -110,3 +111,30 @@ def pq_assign(keys, centroids, backend: str = "auto") -> torch.Tensor:
 def sparse_decode_attention(query, keys, values, idx, scaling: float, backend: str = "auto"):
     """Exact attention over listed tokens: (out [B, Hkv, G, Dv], lse [B, Hkv, G]). See the reference."""
     return _ops.sparse_decode_attention_op(query, keys, values, idx, float(scaling), _checked(backend, query.device))
+
+
+def rerank_topk(query, keys, shortlist, k: int, scaling: float, *, backend: str = "auto",
+                k_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact re-ranking of a shortlist: the best min(k, k_valid) of its positions by exact GQA group score.
+
+    query: [B, Hkv, G, D]; keys: [B, Hkv, N, D] (float32/bfloat16/float16, any strides, e.g. the preallocated
+    cache); shortlist: [B, Hkv, R] int32/int64 positions in [0, N), negative = empty, each position at most once
+    per row (a PQ shortlist, R = r * k); k_valid: optional 1-element integer tensor on the query's device (a runtime
+    count: the slots stay k). Score of an entry: the sum over the G query heads of each head's softmax over the
+    row's entries (`quality.rerank_exact_ref`, the rule of every selector).
+
+    Returns [B, Hkv, k] int64: min(k, k_valid, entries of the row) distinct positions, then -1. Order: best first
+    for "torch" and "triton", ascending positions for "cpu" (what the CPU sparse attention reads fastest); compare
+    as sets. Ties: every entry scoring strictly above the lowest selected score is selected; which of the entries
+    equal to it are taken is the backend's choice ("cpu": the lowest positions).
+
+    Bytes read per step (re-ranking alone): R rows of keys per KV head, i.e. B * Hkv * R * D * elem, plus
+    B * Hkv * R * 8 of shortlist. Llama-3-8B layer (Hkv = 8, D = 128, bf16) at N = 128K, k = N/10, r = 2
+    (R = 26214): 53.7 MB of keys, as much as the sparse attention reads for the k selected tokens' K and V
+    (k * (D + Dv) * 2 per KV head), so r = 2 about doubles the selected-token reads of a decode step; in general
+    re-ranking reads r/2 times the attention's K/V bytes (D = Dv). The Triton path also writes and re-reads
+    B * Hkv * (G + 1) * R * 4 bytes of logits and scores (L2-resident at this size). CPU, one thread, float32,
+    the same shape (`benchmarks/bench_rerank.py`): 8.2 ms at N = 32K and 33 ms at 128K (reference: 31 / 170 ms).
+    """
+    return _ops.rerank_topk_op(query, keys, shortlist, int(k), float(scaling), _checked(backend, query.device),
+                               k_valid)

@@ -5,11 +5,13 @@ op as one opaque node with a known output shape instead of tracing into Triton l
     torch.ops.pqpatch.pq_assign(keys, centroids, backend) -> codes [B, Hkv, T, m] uint8
     torch.ops.pqpatch.sparse_decode_attention(query, keys, values, idx, scaling, backend)
         -> (out [B, Hkv, G, Dv] query.dtype, lse [B, Hkv, G] float32)
+    torch.ops.pqpatch.rerank_topk(query, keys, shortlist, k, scaling, backend, k_valid) -> idx [B, Hkv, k] int64
 
 `backend` is already resolved ("torch", "cpu" or "triton", see `kernels.resolve_backend`); "torch" runs
-`kernels.reference`, "cpu" the CPU fast paths (`kernels.cpu_select`, `kernels.cpu_attention`; `pq_assign` has no
-separate CPU path: one token per step, the reference is already cheap). The fake (meta) implementations only build the output shapes. Inference only: no autograd
-formula is registered. Importing this module does not import triton.
+`kernels.reference` (`kernels.quality` for rerank_topk), "cpu" the CPU fast paths (`kernels.cpu_select`,
+`kernels.cpu_attention`, `kernels.cpu_rerank`; `pq_assign` has no separate CPU path: one token per step, the
+reference is already cheap). The fake (meta) implementations only build the output shapes. Inference only: no
+autograd formula is registered. Importing this module does not import triton.
 """
 
 # No `from __future__ import annotations`: custom_op reads the real annotation objects to infer the schema.
@@ -19,10 +21,12 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
+from . import quality
 from .cpu_attention import sparse_decode_attention_cpu
+from .cpu_rerank import rerank_topk_cpu
 from .cpu_select import pq_topk_cpu
 
-__all__ = ["pq_topk_op", "pq_assign_op", "sparse_decode_attention_op"]
+__all__ = ["pq_topk_op", "pq_assign_op", "sparse_decode_attention_op", "rerank_topk_op"]
 
 
 def _triton():
@@ -89,3 +93,22 @@ def sparse_decode_attention_op(query: Tensor, keys: Tensor, values: Tensor, idx:
 def _(query, keys, values, idx, scaling, backend):
     b, h, g, _ = query.shape
     return query.new_empty((b, h, g, values.shape[-1])), query.new_empty((b, h, g), dtype=torch.float32)
+
+
+@torch.library.custom_op("pqpatch::rerank_topk", mutates_args=())
+def rerank_topk_op(query: Tensor, keys: Tensor, shortlist: Tensor, k: int, scaling: float, backend: str,
+                   k_valid: Optional[Tensor] = None) -> Tensor:
+    """[B, Hkv, k] int64: the best min(k, k_valid) shortlist positions by exact group score, -1 = empty. See
+    `quality.rerank_exact_ref` (order: best first for "torch" and "triton", ascending positions for "cpu")."""
+    _check_backend(backend)
+    if backend == "triton":
+        return _triton().rerank_topk_triton(query, keys, shortlist, k, scaling, k_valid=k_valid)
+    if backend == "cpu":
+        return rerank_topk_cpu(query, keys, shortlist, k, scaling, k_valid)
+    quality.check_rerank_inputs(query, keys, shortlist, k, k_valid)
+    return quality.rerank_exact_ref(query, keys, shortlist, k, scaling, k_valid).contiguous()
+
+
+@rerank_topk_op.register_fake
+def _(query, keys, shortlist, k, scaling, backend, k_valid=None):
+    return query.new_empty((query.shape[0], query.shape[1], k), dtype=torch.int64)

@@ -8,7 +8,8 @@ new kernel. Centroids use the PQ layout [B, Hkv, S, K, D]; codes [B, Hkv, N, S] 
 
 Exact re-ranking: a PQ shortlist of r * k tokens is scored again with the exact keys (r * k * D key elements
 read per KV head and step) and the best k kept, by the same GQA rule as every selector (per-head softmax over
-the shortlist, summed over the group).
+the shortlist, summed over the group). `rerank_exact_ref` is the reference of the public op `kernels.rerank_topk`
+(CPU fast path: `kernels.cpu_rerank`; Triton: `kernels._triton.rerank`).
 
 Plain tensor ops (no host synchronisation, static shapes), so a compiled decode step stays one graph.
 """
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["is_residual", "residual_query", "rq_assign_ref", "rq_reconstruct_ref", "rerank_exact_ref"]
+__all__ = ["is_residual", "residual_query", "rq_assign_ref", "rq_reconstruct_ref", "rerank_exact_ref",
+           "rerank_keep_best", "check_rerank_inputs"]
 
 
 def is_residual(query_dim: int, centroids: torch.Tensor) -> bool:
@@ -58,6 +60,57 @@ def rq_reconstruct_ref(centroids: torch.Tensor, codes: torch.Tensor) -> torch.Te
     return torch.gather(centroids.float(), 3, idx).sum(2)
 
 
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_rerank_inputs(query, keys, shortlist, k, k_valid) -> None:
+    """Argument checks of `rerank_topk` shared by its CPU and Triton launchers: a ValueError naming the offending
+    shape, dtype or device (no data is read, so nothing synchronises)."""
+
+    def check(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ValueError(msg)
+
+    for name, t in (("query", query), ("keys", keys), ("shortlist", shortlist)):
+        check(isinstance(t, torch.Tensor), f"{name} must be a tensor, got {type(t).__name__}")
+    check(query.dim() == 4 and query.dtype in _FLOATS, f"query must be a float32/bfloat16/float16 tensor "
+          f"[B, Hkv, G, D], got {query.dtype} {tuple(query.shape)}")
+    check(keys.dim() == 4 and keys.dtype in _FLOATS, f"keys must be a float32/bfloat16/float16 tensor "
+          f"[B, Hkv, N, D], got {keys.dtype} {tuple(keys.shape)}")
+    b, h, _, d = query.shape
+    check(tuple(keys.shape[:2]) == (b, h) and keys.shape[3] == d,
+          f"keys {tuple(keys.shape)} do not match query {tuple(query.shape)} (need [B, Hkv, N, D] = "
+          f"[{b}, {h}, N, {d}])")
+    check(shortlist.dim() == 3 and tuple(shortlist.shape[:2]) == (b, h)
+          and shortlist.dtype in (torch.int32, torch.int64),
+          f"shortlist must be an int32/int64 tensor [B, Hkv, R] = [{b}, {h}, R], got {shortlist.dtype} "
+          f"{tuple(shortlist.shape)}")
+    check(isinstance(k, int) and not isinstance(k, bool) and k >= 0, f"k must be a non-negative int, got {k!r}")
+    if k_valid is not None:
+        check(isinstance(k_valid, torch.Tensor) and k_valid.numel() == 1
+              and k_valid.dtype in (torch.int32, torch.int64),
+              f"k_valid must be a 1-element int32/int64 tensor, got {getattr(k_valid, 'dtype', type(k_valid))} "
+              f"{tuple(getattr(k_valid, 'shape', ()))}")
+    for name, t in (("keys", keys), ("shortlist", shortlist), ("k_valid", k_valid)):
+        if t is not None:
+            check(t.device == query.device, f"{name} is on {t.device} but the query is on {query.device}")
+
+
+def rerank_keep_best(score: torch.Tensor, shortlist: torch.Tensor, k: int,
+                     k_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The best min(k, k_valid) shortlist entries by score, best first (ties: torch.topk's choice), then -1.
+
+    score: [B, Hkv, R] float32, -inf on empty entries; shortlist: [B, Hkv, R] positions. Returns [B, Hkv, k]
+    int64. Tensor ops only (k_valid is compared on its device, never read on the host)."""
+    kk_n = min(k, score.shape[-1])
+    vals, pos = torch.topk(score, kk_n, dim=-1, sorted=True)  # best first, so a prefix is the best k_valid
+    keep = torch.isfinite(vals)
+    if k_valid is not None:
+        keep = keep & (torch.arange(kk_n, device=score.device) < k_valid.reshape(()))
+    out = torch.where(keep, torch.gather(shortlist, -1, pos).long(), -1)
+    return torch.nn.functional.pad(out, (0, k - kk_n), value=-1)
+
+
 def rerank_exact_ref(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -66,15 +119,20 @@ def rerank_exact_ref(
     scaling: float,
     k_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Re-score a shortlist with the exact keys and keep its best k.
+    """Re-score a shortlist with the exact keys and keep its best k: the reference of `kernels.rerank_topk`.
 
-    query: [B, Hkv, G, D]; keys: [B, Hkv, N, D]; shortlist: [B, Hkv, R] positions (-1 = empty), R >= k.
+    query: [B, Hkv, G, D]; keys: [B, Hkv, N, D]; shortlist: [B, Hkv, R] positions in [0, N), negative = empty,
+    each position at most once per row (R < k is allowed: the extra slots are -1).
+    Score of an entry: sum over the G heads of each head's softmax over the row's non-empty entries (the GQA rule).
     k_valid: optional 1-element integer tensor, fill only the best min(k_valid, k) slots (the rest -1).
-    Returns [B, Hkv, k] int64 positions, best first, -1 = empty.
+    Returns [B, Hkv, k] int64: the selected positions best first (among equal scores: torch.topk's choice), then
+    -1 in the slots that min(k, k_valid, non-empty entries) leaves empty.
     """
     b, h, g, d = query.shape
+    if shortlist.shape[-1] == 0:
+        return torch.full((b, h, k), -1, dtype=torch.int64, device=query.device)
     valid = shortlist >= 0  # [B, Hkv, R]
-    safe = shortlist.clamp_min(0)
+    safe = shortlist.clamp_min(0).long()
     kk = torch.gather(keys, 2, safe[..., None].expand(b, h, shortlist.shape[-1], d))  # [B, Hkv, R, D]
     logits = torch.einsum("bhgd,bhrd->bhgr", query.float(), kk.float()) * scaling
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
@@ -83,10 +141,4 @@ def rerank_exact_ref(
     p = torch.exp(logits - mx)
     score = (p / p.sum(-1, keepdim=True).clamp_min(1e-30)).sum(2)  # [B, Hkv, R]: the GQA rule
     score = score.masked_fill(~valid, float("-inf"))
-    kk_n = min(k, score.shape[-1])
-    vals, pos = torch.topk(score, kk_n, dim=-1, sorted=True)  # best first
-    keep = torch.isfinite(vals)
-    if k_valid is not None:
-        keep = keep & (torch.arange(kk_n, device=score.device) < k_valid.reshape(()))
-    out = torch.where(keep, torch.gather(shortlist, -1, pos), -1)
-    return torch.nn.functional.pad(out, (0, k - kk_n), value=-1)
+    return rerank_keep_best(score, shortlist, k, k_valid)

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 import triton
 
+from . import quality as _quality
 from ._triton import pq_assign as _assign
 from ._triton import pq_topk as _topk
+from ._triton import rerank as _rerank
 from ._triton import sparse_attn as _attn
 
-__all__ = ["pq_topk_triton", "pq_assign_triton", "sparse_decode_attention_triton"]
+__all__ = ["pq_topk_triton", "pq_assign_triton", "sparse_decode_attention_triton", "rerank_topk_triton"]
 
 
 def _fix_interpreter_loop_bounds() -> None:
@@ -279,3 +281,42 @@ def sparse_decode_attention_triton(query: torch.Tensor, keys: torch.Tensor, valu
         o_part, lse_part, out, lse, n_split, G=g, DV=dv, DVP=dvp, SPP=spp, BLOCK_SP=min(spp, 16),
         ROUND_BF16=out.dtype == torch.bfloat16 and _interpreted(query.device), num_warps=4)
     return out, lse
+
+
+@_on_tensor_device
+def rerank_topk_triton(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Tensor, k: int, scaling: float, *,
+                       k_valid: torch.Tensor | None = None, block: int | None = None,
+                       programs_per_row: int | None = None) -> torch.Tensor:
+    """Exact re-ranking of a shortlist (see `kernels._triton.rerank` for the kernels, `quality.rerank_exact_ref`
+    for the rule).
+
+    query: [B, Hkv, G, D] float; keys: [B, Hkv, N, D] float32/float16/bfloat16 (any strides, e.g. a preallocated
+    cache); shortlist: [B, Hkv, L] int32/int64 positions, negative = empty (a position >= N is treated as empty:
+    checking it would need a host sync), each position at most once per row; k_valid: optional 1-element integer
+    tensor on the query's device, read there (never on the host). Returns [B, Hkv, k] int64: the best
+    min(k, k_valid) positions, best first (torch.topk over the exact scores), then -1.
+    block / programs_per_row override the launch geometry (tests use them to exercise multi-block loops).
+    """
+    _quality.check_rerank_inputs(query, keys, shortlist, k, k_valid)
+    _check_device(query.device, keys=keys, shortlist=shortlist,
+                  **({} if k_valid is None else {"k_valid": k_valid}))
+    b, hkv, g, d = query.shape
+    n, length = keys.shape[2], shortlist.shape[2]
+    rows = b * hkv
+    if rows == 0 or length == 0 or k == 0:
+        return torch.full((b, hkv, k), -1, dtype=torch.int64, device=query.device)
+    gp = _pow2(g, 16)  # tl.dot needs >= 16 rows
+    dp = _pow2(d, 16)
+    bl = block or (64 if dp <= 128 else 32)
+    p = max(1, min(triton.cdiv(length, bl), programs_per_row or triton.cdiv(_target_programs(query.device), rows)))
+    logits = torch.empty((rows, g, length), dtype=torch.float32, device=query.device)
+    part = torch.empty((rows, p, 2, gp), dtype=torch.float32, device=query.device)
+    score = torch.empty((b, hkv, length), dtype=torch.float32, device=query.device)
+    _rerank._logits_kernel[(rows, p)](
+        query, keys, shortlist, logits, part, n, length, hkv, float(scaling) * _LOG2E,
+        *query.stride(), *keys.stride(), *shortlist.stride(),
+        G=g, GP=gp, D=d, DP=dp, BLOCK=bl, num_warps=4)
+    _rerank._score_kernel[(rows, p)](
+        shortlist, logits, part, score, n, length, hkv, *shortlist.stride(),
+        G=g, GP=gp, PP=_pow2(p), BLOCK=bl, num_warps=4)
+    return _quality.rerank_keep_best(score, shortlist, k, k_valid)

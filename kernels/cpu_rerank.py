@@ -1,0 +1,102 @@
+"""CPU fast path of `rerank_topk` (backend "cpu"): exact re-ranking of a PQ shortlist, the rule of
+`quality.rerank_exact_ref`, read through the gather pattern of `cpu_attention`.
+
+Why it is fast on CPU (plain ATen ops; nothing here touches a device):
+  * The shortlist is read in ascending position order (sorted when it is not already, empty entries last;
+    `pq_topk_cpu` already emits ascending positions then -1), so neighbouring key rows share DRAM pages and the
+    prefetchers can follow. Columns that are empty in every row (the -1 tail of a shortlist whose count is a
+    runtime `k_valid`) are not read at all.
+  * The key rows of all B * Hkv heads are gathered chunk by chunk (one `index_select` per chunk over the flattened
+    [B * Hkv * N, D] cache) into a per-thread workspace reused across calls, and the chunk's logits come from one
+    batched matmul while the rows are still in cache. The reference instead builds a [B, Hkv, R, D] copy through
+    `torch.gather` with an expanded index, which costs several times the matmul.
+  * bfloat16/float16 keys are gathered in their own dtype (half the bytes) and widened to float32 in the cached
+    chunk; logits, softmax and the group score are float32, as in the reference.
+  * The k-th best group score comes from `torch.topk`'s values; the selected entries are then a mask (above the
+    threshold, plus the first ties), and since the entries are in position order the output positions come out
+    ascending without a sort.
+
+Ties: every entry scoring strictly above the k-th selected score is selected; among entries equal to it the lowest
+positions are taken.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cpu_attention import _rows, _workspace
+from .quality import check_rerank_inputs
+
+__all__ = ["rerank_topk_cpu"]
+
+_CHUNK_BYTES = 1 << 21  # float32 bytes of one gathered chunk (all heads), as in cpu_attention
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Tensor, k: int, scaling: float,
+                    k_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Re-score the shortlist with the exact keys and keep its best min(k, k_valid) entries.
+
+    query: [B, Hkv, G, D]; keys: [B, Hkv, N, D] (float32/bfloat16/float16, any strides; one that cannot be viewed
+    as [B * Hkv * N, D] rows, e.g. a slice of a longer buffer, is copied first, as in cpu_attention); shortlist:
+    [B, Hkv, R] int32/int64 positions in [0, N) (a position >= N raises), negative = empty, each position at most
+    once per row; k_valid: optional 1-element integer CPU tensor. Returns [B, Hkv, k] int64: the selected positions
+    in ascending order, then -1.
+    """
+    check_rerank_inputs(query, keys, shortlist, k, k_valid)
+    _check(query.device.type == "cpu", f"backend 'cpu' needs CPU tensors, the query is on {query.device}")
+    b, h, g, d = query.shape
+    n, r = keys.shape[2], shortlist.shape[2]
+    bh = b * h
+    kk = k if k_valid is None else max(0, min(int(k_valid), k))  # a CPU tensor: reading it costs no sync
+    out = torch.full((bh, k), -1, dtype=torch.int64)
+    if r == 0:
+        return out.view(b, h, k)
+    # ascending positions with the empty entries last: an empty entry sorts as n (one past the last row)
+    ix = shortlist.reshape(bh, r).to(torch.int64)
+    top = int(ix.max())
+    _check(top < n, f"shortlist positions must be < N = {n} (or negative for an empty entry), got {top}")
+    ix = ix.masked_fill(ix < 0, n)
+    if r > 1 and not bool((ix[:, 1:] >= ix[:, :-1]).all()):
+        ix = ix.sort(dim=-1).values
+    cnt = int((ix < n).sum(-1).max())  # entries of the fullest row; the columns after them are empty everywhere
+    kk = min(kk, cnt)
+    if kk == 0:
+        return out.view(b, h, k)
+    ix = ix[:, :cnt]
+    valid = ix < n  # [BH, cnt]
+    chunk = max(16, min(cnt, _CHUNK_BYTES // (4 * bh * d)))
+    rows = ix.clamp_max(n - 1) + torch.arange(0, bh * n, n).view(bh, 1)  # empty entries read a real row, masked
+    k_rows = _rows(keys)
+    widen = keys.dtype != torch.float32
+    gat = _workspace("gather", bh * chunk * d, keys.dtype)
+    wide = _workspace("wide", bh * chunk * d, torch.float32) if widen else None
+    qf = query.reshape(bh, g, d).float()
+    logits = torch.empty(bh, g, cnt)
+    for c0 in range(0, cnt, chunk):
+        c1 = min(cnt, c0 + chunk)
+        m = bh * (c1 - c0)
+        buf = gat[: m * d].view(m, d)
+        torch.index_select(k_rows, 0, rows[:, c0:c1].reshape(m), out=buf)
+        if widen:
+            buf = wide[: m * d].view(m, d).copy_(buf)
+        torch.bmm(qf, buf.view(bh, c1 - c0, d).transpose(1, 2), out=logits[:, :, c0:c1])
+    logits.mul_(scaling).masked_fill_(~valid[:, None, :], float("-inf"))
+    # per-head softmax over the row's entries, summed over the group (the GQA rule); a row without entries gives
+    # NaN here, and every one of its entries is set to -inf just below
+    score = torch.softmax(logits, dim=-1).sum(dim=1)  # [BH, cnt]
+    score.masked_fill_(~valid, float("-inf"))
+    # the kk-th best score of every row, then a mask: above it, or equal to it among the first `need` ties
+    thr = torch.topk(score, kk, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # [BH, 1]
+    above = score > thr
+    tie = (score == thr) & valid
+    need = kk - above.sum(-1, keepdim=True)
+    sel = above | (tie & (tie.cumsum(-1) <= need))  # a row with fewer than kk entries: all of them
+    slot = torch.where(sel, sel.cumsum(-1) - 1, k)  # output slot of each selected entry; k: a spare column
+    out = torch.nn.functional.pad(out, (0, 1))
+    out.scatter_(1, slot, torch.where(sel, ix, -1))
+    return out[:, :k].contiguous().view(b, h, k)

@@ -21,7 +21,7 @@ import math
 import torch
 
 from . import kernels
-from .kernels.quality import is_residual, rerank_exact_ref, residual_query
+from .kernels.quality import is_residual, residual_query
 from .kernels.reference import group_softmax_scores
 
 __all__ = ["QuestPages", "select", "observation_attention", "kmeans_weights", "snapkv_indices"]
@@ -195,7 +195,7 @@ def select(
         # exact re-ranking: a shortlist of rerank x k by the codes, re-scored with the exact keys
         short = kernels.pq_topk(q, centroids, codes, lo, hi, rerank * k, scaling, backend=backend,
                                 k_valid=None if k_valid is None else k_valid * rerank)
-        return rerank_exact_ref(query, keys, short, k, scaling, k_valid)
+        return kernels.rerank_topk(query, keys, short, k, scaling, backend=backend, k_valid=k_valid)
     if selection == "oracle":
         return kernels.exact_topk(query, keys, lo, hi, k, scaling, k_valid=k_valid)
     if selection == "quest":

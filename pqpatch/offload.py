@@ -7,7 +7,21 @@ GPU-resident, per layer ("res" buffers, [B, Hkv, R, D], R = sink + W + cap + k):
     [.., + cap)               block cache: `cap / block` slots of `block` consecutive positions (`BlockCache`)
     [.., + k)                 staging: this step's selected tokens that missed the block cache
 plus the PQ codes (uint8) and centroids, which every step reads in full and so stay on the GPU.
-Host store: keys/values [B, Hkv, max_len, D], pinned on CUDA; new tokens are copied to it on a side stream.
+Host store: position-major keys/values [max_len, B, Hkv, D] (`_kst`, `_vst`; `keys`/`values` are their
+[B, Hkv, max_len, D] views), page-locked on CUDA (`pinned.HostBuffer`: exactly sized, not zero-filled; nothing
+reads a position before it is written). New tokens are copied to it on a side stream.
+
+Why position-major: a decode step writes one position of every (sequence, KV head), and a prefill chunk writes
+positions [a, b) of all of them. In this layout both are one contiguous range (`store[p]`, `store[a:b]`), so
+the device->host copy lands directly in page-locked memory and runs asynchronously. In the head-major layout
+[B, Hkv, max_len, D] the same write is B * Hkv strided pieces: torch copies a non-contiguous destination through
+a pageable temporary, and a device->pageable copy blocks the host (once per layer and step, side stream or not).
+The host gathers stay as cheap: every gathered token is still one contiguous D-element row (256 bytes in bf16
+at D = 128, whole cache lines); a missed token is found by (position, row) instead of (row, position), and an
+admitted block is `block` such rows at a fixed stride instead of one run, which the hardware prefetcher follows.
+The alternative, a contiguous pinned staging row scattered on the host, would add a host pass per layer and
+step that must first wait for the copy (a block, or a helper thread), and a staging area as large as a prefill
+chunk. A dense step (chunked prefill, short prompt) reads `store[:n]`, which is now one contiguous copy too.
 A decode step: select (codes on GPU) -> indices to the host -> block-cache lookup -> gather the misses from the
 store into staging -> exact attention over the res buffers through remapped indices -> admit missed blocks.
 On a CPU-only machine every buffer is in host memory and the copies are plain copies: the logic is the same.
@@ -24,6 +38,7 @@ from . import kernels
 
 from .blockcache import BlockCache
 from .cache import PQLayer
+from .pinned import HostBuffer
 
 __all__ = ["OffloadPQLayer", "LayerStats"]
 
@@ -40,6 +55,17 @@ class LayerStats:
     admitted_blocks: int = 0
     bytes_h2d: int = 0  # host -> GPU: staged slots + admitted blocks
     bytes_d2h: int = 0  # GPU -> host: new tokens written to the store
+
+
+_D2H_CHUNK = 4096  # tokens per device->host copy of a long write (bounds the transposed device temporary)
+
+
+def _host_store(shape: tuple[int, ...], dtype: torch.dtype, pin: bool,
+                device: torch.device) -> tuple[torch.Tensor, HostBuffer]:
+    """An uninitialised host store of `shape` (page-locked, exactly sized, when `pin`) and the buffer owning it."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buf = HostBuffer(nbytes, pin, device)
+    return buf.view(shape, dtype), buf
 
 
 class OffloadPQLayer(PQLayer):
@@ -59,8 +85,11 @@ class OffloadPQLayer(PQLayer):
         self.split_n = torch.tensor([self.sink, self.local, self.topk], dtype=torch.long, device=self.device)
         pin = self.device.type == "cuda"
         n = self.max_cache_len
-        self.keys = torch.zeros(b, h, n, key_states.shape[-1], dtype=key_states.dtype, pin_memory=pin)
-        self.values = torch.zeros(b, h, n, value_states.shape[-1], dtype=value_states.dtype, pin_memory=pin)
+        self._kst, self._host_k = _host_store((n, b, h, key_states.shape[-1]), key_states.dtype, pin, self.device)
+        self._vst, self._host_v = _host_store((n, b, h, value_states.shape[-1]), value_states.dtype, pin,
+                                              self.device)
+        self.keys = self._kst.permute(1, 2, 0, 3)  # [B, Hkv, max_len, D] views, what PQLayer's readers expect
+        self.values = self._vst.permute(1, 2, 0, 3)
         self.cumulative_length = self.cumulative_length.to(self.device)
         self.stream = torch.cuda.Stream(self.device) if pin else None
         self.event: torch.cuda.Event | None = None
@@ -81,8 +110,15 @@ class OffloadPQLayer(PQLayer):
         self.is_initialized = True
 
     def reset(self) -> None:
+        self.is_initialized = False  # the store is dropped, not zero-filled: the next update allocates a fresh one
         super().reset()
-        self.is_initialized = False  # the next update allocates fresh store, res buffers and block cache
+        self._release_host()
+
+    def _release_host(self) -> None:
+        """Drop the store; its pinned memory is unregistered once the last copy into it has finished."""
+        for name in ("_kst", "_vst", "_host_k", "_host_v"):
+            setattr(self, name, None)
+        self.keys = self.values = None
 
     @property
     def length(self) -> int:
@@ -108,8 +144,8 @@ class OffloadPQLayer(PQLayer):
         pos = torch.arange(max(0, n - self.window), n)
         if len(pos):
             slots = (self.ring0 + pos % self.window).to(self.device)
-            self.res_k[:, :, slots] = self.keys[:, :, pos].to(self.device)
-            self.res_v[:, :, slots] = self.values[:, :, pos].to(self.device)
+            self.res_k[:, :, slots] = self._kst[pos].to(self.device).permute(1, 2, 0, 3)
+            self.res_v[:, :, slots] = self._vst[pos].to(self.device).permute(1, 2, 0, 3)
         b, h = self.res_k.shape[:2]
         self.blocks = BlockCache(b * h, math.ceil(self.max_cache_len / self.block), self.cap // self.block,
                                  self.cfg.cache_policy)
@@ -121,22 +157,36 @@ class OffloadPQLayer(PQLayer):
         return self.length
 
     # ---- writes ----------------------------------------------------------------------------------------------
+    def _store_rows(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The store's positions [a, b) of every row: [b - a, B, Hkv, D] each, contiguous (module docstring)."""
+        return self._kst[a:b], self._vst[a:b]
+
     def _to_host(self, p0: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Copy new tokens [B, Hkv, T, D] to store positions p0.. (side stream on CUDA)."""
+        """Copy new tokens [B, Hkv, T, D] to store positions p0.. (side stream on CUDA). Every destination is a
+        contiguous range of the (page-locked) store, so on CUDA the copy never goes through a pageable temporary
+        and the host does not wait for it."""
         t = k.shape[-2]
         self.stats.bytes_d2h += (k.numel() + v.numel()) * k.element_size()
         if self.stream is None:
-            self.keys[:, :, p0 : p0 + t].copy_(k)
-            self.values[:, :, p0 : p0 + t].copy_(v)
+            kd, vd = self._store_rows(p0, p0 + t)
+            kd.copy_(k.permute(2, 0, 1, 3))
+            vd.copy_(v.permute(2, 0, 1, 3))
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            self.keys[:, :, p0 : p0 + t].copy_(k, non_blocking=True)
-            self.values[:, :, p0 : p0 + t].copy_(v, non_blocking=True)
-            k.record_stream(self.stream)  # keep the source alive until the copy is done
+            # position-major on the device first (a no-op for one token, and for a prefill whose projection left
+            # it [B, T, Hkv, D] in memory with B = 1); in chunks, so the transposed copy of a long prefill stays small
+            for a in range(0, t, _D2H_CHUNK):
+                e = min(a + _D2H_CHUNK, t)
+                kd, vd = self._store_rows(p0 + a, p0 + e)
+                kd.copy_(k[:, :, a:e].permute(2, 0, 1, 3).contiguous(), non_blocking=True)
+                vd.copy_(v[:, :, a:e].permute(2, 0, 1, 3).contiguous(), non_blocking=True)
+            k.record_stream(self.stream)  # keep the sources alive until the copies are done
             v.record_stream(self.stream)
             self.event = torch.cuda.Event()
             self.event.record(self.stream)
+        self._host_k.fence(self.event)  # the store is not unregistered while these copies run
+        self._host_v.fence(self.event)
 
     def _host_ready(self) -> torch.cuda.Event | None:
         return self.event
@@ -173,8 +223,9 @@ class OffloadPQLayer(PQLayer):
         if self.active:
             self._code_range(p0 - self.local, p0 + t - self.local)  # tokens this step pushed out of the window
         self._wait_host()  # dense step (short prompt, chunked prefill): the whole context, from the store
-        full_k = torch.cat([self.keys[:, :, :p0].to(self.device), key_states], dim=2)
-        full_v = torch.cat([self.values[:, :, :p0].to(self.device), value_states], dim=2)
+        old_k, old_v = (x.to(self.device).permute(1, 2, 0, 3) for x in self._store_rows(0, p0))  # contiguous reads
+        full_k = torch.cat([old_k, key_states], dim=2)
+        full_v = torch.cat([old_v, value_states], dim=2)
         return full_k, full_v
 
     def after_prefill(self, attention_mask: torch.Tensor | None, batch: int) -> None:
@@ -203,7 +254,7 @@ class OffloadPQLayer(PQLayer):
             slots = self.ring0 + torch.arange(a, b, device=self.device) % self.window
             return self.res_k[:, :, slots]
         self._wait_host()
-        return self.keys[:, :, a:b].to(self.device)
+        return self._store_rows(a, b)[0].to(self.device).permute(1, 2, 0, 3)
 
     # ---- decode ----------------------------------------------------------------------------------------------
     def decode(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -244,8 +295,9 @@ class OffloadPQLayer(PQLayer):
             pos = torch.gather(rows.clamp_min(0), 1, order)  # [rows, nm]
             self._wait_host()
             ar = torch.arange(b * h)[:, None]
-            kst = self.keys.view(b * h, *self.keys.shape[2:])[ar, pos]  # [rows, nm, D] host gather
-            vst = self.values.view(b * h, *self.values.shape[2:])[ar, pos]
+            n = self.max_cache_len
+            kst = self._kst.view(n, b * h, -1)[pos, ar]  # [rows, nm, D] host gather of D-element rows
+            vst = self._vst.view(n, b * h, -1)[pos, ar]
             if self.device.type == "cuda":
                 kst, vst = kst.pin_memory(), vst.pin_memory()
             # straight from pinned memory into the staging slots: one host->device copy each, no temporary
@@ -273,13 +325,13 @@ class OffloadPQLayer(PQLayer):
         ar = torch.arange(self.block)
         src = (blocks[:, None] * self.block + ar).clamp_max(self.max_cache_len - 1)  # [n, block]
         dst = (self.cache0 + slots[:, None] * self.block + ar).to(self.device)
-        kf = self.keys.view(b * h, *self.keys.shape[2:])
-        vf = self.values.view(b * h, *self.values.shape[2:])
+        kf = self._kst.view(self.max_cache_len, b * h, -1)  # position-major: a block is `block` strided rows
+        vf = self._vst.view(self.max_cache_len, b * h, -1)
         rk = self.res_k.view(b * h, *self.res_k.shape[2:])
         rv = self.res_v.view(b * h, *self.res_v.shape[2:])
         rows_d = rows.to(self.device)[:, None]
-        rk[rows_d, dst] = kf[rows[:, None], src].to(self.device, non_blocking=True)
-        rv[rows_d, dst] = vf[rows[:, None], src].to(self.device, non_blocking=True)
+        rk[rows_d, dst] = kf[src, rows[:, None]].to(self.device, non_blocking=True)
+        rv[rows_d, dst] = vf[src, rows[:, None]].to(self.device, non_blocking=True)
         self.stats.admitted_blocks += len(copies)
         self.stats.bytes_h2d += len(copies) * self.block * elt
 

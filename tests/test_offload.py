@@ -13,7 +13,7 @@ from pqpatch.cache import PQCache
 
 def _cfg(offload, **kw):
     base = dict(token_budget=40, sink_tokens=4, local_tokens=8, min_context=16, bits=4, gpu_cache_tokens=32,
-                cache_block_tokens=8)
+                cache_block_tokens=8, rerank=1)  # rerank=1: the same ranking rule resident and offloaded
     return pqpatch.PQCacheConfig(offload=offload, **{**base, **kw})
 
 
@@ -224,3 +224,168 @@ def test_gpu_buffers_follow_a_short_context():
     model.generate(torch.randint(1, 96, (1, 100)), max_new_tokens=8, do_sample=False, pad_token_id=0)
     st = pqpatch.stats(model)
     assert st.gpu_kv_bytes <= st.dense_kv_bytes, st
+
+
+def _record_store_writes(monkeypatch):
+    """Record every in-place write (copy_, index_copy_, index_put_, item assignment) as (storage pointer,
+    destination contiguous or None when the destination is not a plain slice)."""
+    writes = []
+    real_copy, real_index_copy, real_setitem = torch.Tensor.copy_, torch.Tensor.index_copy_, torch.Tensor.__setitem__
+    real_index_put = torch.Tensor.index_put_
+
+    def copy_(self, src, non_blocking=False):
+        writes.append((self.untyped_storage().data_ptr(), self.is_contiguous()))
+        return real_copy(self, src, non_blocking)
+
+    def index_copy_(self, *a, **k):
+        writes.append((self.untyped_storage().data_ptr(), None))
+        return real_index_copy(self, *a, **k)
+
+    def index_put_(self, *a, **k):
+        writes.append((self.untyped_storage().data_ptr(), None))
+        return real_index_put(self, *a, **k)
+
+    def setitem(self, key, value):
+        writes.append((self.untyped_storage().data_ptr(), None))
+        return real_setitem(self, key, value)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    monkeypatch.setattr(torch.Tensor, "index_copy_", index_copy_)
+    monkeypatch.setattr(torch.Tensor, "index_put_", index_put_)
+    monkeypatch.setattr(torch.Tensor, "__setitem__", setitem)
+    return writes
+
+
+def test_host_store_writes_have_contiguous_destinations(monkeypatch):
+    """Every write into the host store (the prefill, a second multi-token chunk, each decode token) is one
+    contiguous destination, with B x Hkv = 2 x 2 rows. On CUDA a non-contiguous destination in pinned memory is
+    copied through a pageable temporary, which blocks the host once per layer and step (issue 11); the old
+    [B, Hkv, max_len, D] store wrote `store[:, :, p]`, four strided pieces."""
+    torch.manual_seed(5)
+    model = tiny_model("llama")
+    pqpatch.patch_model(model, _cfg(True))
+    ids = torch.randint(1, 96, (2, 120))
+    cache = PQCache(model, 140)
+    kw = model._pqpatch.cache_kwarg
+    writes = _record_store_writes(monkeypatch)
+    with torch.no_grad():
+        model(ids[:, :100], **{kw: cache})
+        model(ids[:, 100:], **{kw: cache})
+        for t in (5, 7, 11):
+            model(torch.full((2, 1), t), **{kw: cache})
+    monkeypatch.undo()
+    layers = cache.pq_layers()
+    assert layers and all(layer.length == 123 for layer in layers)
+    for layer in layers:
+        assert layer.keys.shape[:2] == (2, 2)
+        for store in (layer.keys, layer.values):
+            mine = [c for p, c in writes if p == store.untyped_storage().data_ptr()]
+            assert len(mine) == 2 + 3, mine  # two multi-token writes, three decode tokens
+            assert all(c is True for c in mine), mine
+
+
+def test_store_positions_are_never_read_before_written(monkeypatch):
+    """The store is allocated uninitialised (no zero-fill): filling it with NaN first must not change a single
+    selection or logit of an offloaded run against the resident one (batch 2 with left padding, block cache on)."""
+    from pqpatch import offload
+
+    real = offload._host_store
+
+    def nan_store(shape, dtype, pin, device):
+        store, buf = real(shape, dtype, pin, device)
+        store.fill_(float("nan"))
+        return store, buf
+
+    torch.manual_seed(1)
+    ids = torch.randint(1, 96, (2, 150))
+    mask = torch.ones_like(ids)
+    ids[1, :9], mask[1, :9] = 0, 0
+    _, ref, ref_idx = _run("llama", False, ids, mask)
+    monkeypatch.setattr(offload, "_host_store", nan_store)
+    model, out, idx = _run("llama", True, ids, mask)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(idx, ref_idx):
+        assert torch.equal(a.sort(-1).values, b.sort(-1).values)
+    st = pqpatch.stats(model)
+    assert st.hits > 0 and st.misses > 0 and st.admitted_blocks > 0
+    for layer in model._pqpatch.last_cache.pq_layers():  # the fill was real: the unwritten tail is still NaN
+        assert layer.max_cache_len > layer.length and torch.isnan(layer.keys[:, :, layer.length :]).all()
+
+
+@pytest.mark.gpu
+def test_cuda_store_writes_are_asynchronous():
+    """With the current stream kept busy (torch.cuda._sleep), writing a decode token and a long prefill chunk to
+    the pinned store returns at once and leaves the copy pending: the host does not wait for it. A pageable
+    temporary (non-contiguous pinned destination) would block until the busy stream reached the copy."""
+    import time
+
+    from pqpatch.clustering import ClusterPool
+    from pqpatch.offload import OffloadPQLayer
+
+    dev = torch.device("cuda")
+    pool = ClusterPool(1)
+    layer = OffloadPQLayer(12288, 0, pqpatch.PQCacheConfig(token_budget=0.1, offload=True, min_context=1), pool)
+    b, h, d = 2, 4, 128
+    k0 = torch.randn(b, h, 16, d, device=dev, dtype=torch.bfloat16)
+    layer.update(k0, k0 + 1)
+    torch.cuda.synchronize()
+    assert layer._kst.is_pinned() and layer._host_k.registered and layer._host_v.registered
+    for t in (1, 9000):  # a decode token; a prefill chunk longer than one device->host chunk
+        k = torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16)
+        p0 = layer.length
+        layer._to_host(p0, k, v)  # warm-up: first launches and allocations of this size may synchronise
+        torch.cuda.synchronize()
+        torch.cuda._sleep(400_000_000)  # ~0.2 s of GPU time on the current stream; the side stream waits for it
+        t0 = time.perf_counter()
+        layer._to_host(p0, k, v)
+        dt = time.perf_counter() - t0
+        pending = not layer.event.query()
+        torch.cuda.synchronize()
+        assert pending, f"the host waited {dt * 1e3:.1f} ms for the device->host copy of {t} tokens"
+        assert dt < 0.05, dt
+        layer._n += t
+        assert torch.equal(layer.keys[:, :, p0 : p0 + t].cuda(), k)
+        assert torch.equal(layer.values[:, :, p0 : p0 + t].cuda(), v)
+    pool.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_cuda_offload_selects_same_tokens_and_logits(arch):
+    """Offload equals resident on CUDA (pinned store, side-stream writes, block cache): batch 2, left padding."""
+    torch.manual_seed(1)
+    ids = torch.randint(1, 96, (2, 150))
+    mask = torch.ones_like(ids)
+    ids[1, :9], mask[1, :9] = 0, 0
+    runs = []
+    for off in (False, True):
+        model = tiny_model(arch).cuda()
+        pqpatch.patch_model(model, _cfg(off))
+        indices = []
+        orig = PQCache.__init__
+
+        def recording_init(self, *a, **k):
+            orig(self, *a, **k)
+            self.add_observer(lambda layer, q, idx, scaling: indices.append(idx.clone()))
+
+        PQCache.__init__ = recording_init
+        try:
+            out = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=16, do_sample=False,
+                                 return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+        finally:
+            PQCache.__init__ = orig
+        runs.append((model, out, indices))
+    (_, ref, ref_idx), (model, out, idx) = runs
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert len(idx) == len(ref_idx) > 0
+    for a, b in zip(idx, ref_idx):
+        assert torch.equal(a.sort(-1).values, b.sort(-1).values)
+    st = pqpatch.stats(model)
+    assert st.offload and st.hits > 0 and st.misses > 0
+    layer = model._pqpatch.last_cache.pq_layers()[0]
+    assert layer._kst.is_pinned() and layer._host_k.registered

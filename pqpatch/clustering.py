@@ -8,17 +8,21 @@ Abandoned jobs: a generate() that ends before its first decode step never collec
 hands those futures to `cancel`: queued jobs are dropped, running ones stop at the next (head, sub-space)
 problem boundary, and an exception from any of them is logged (nobody will call `.result()` to see it).
 
-Pinned staging on CUDA: each resident-cache submit copies its keys into a fresh `pin_memory=True` tensor. A
-single reused staging buffer does not fit: the copy must snapshot the keys in stream order at submit time
-(positions may be rewritten later), and every layer submits during the same prefill, long before the first
-job finishes, so all layers' snapshots are alive at once whatever the reuse. Across calls the blocks are
-recycled by torch's caching host allocator (no new cudaHostAlloc after the first call); its power-of-two
-rounding is the remaining cost. Offloaded layers pass `ready` and are read in place (no copy at all).
+Pinned staging on CUDA: each resident-cache submit snapshots its keys (and k-means weights) into page-locked
+host memory leased from the pool's `StagingBuffers` (`pinned.py`: exactly sized cudaHostRegister'ed buffers, no
+power-of-two rounding, no zero-fill). One shared buffer would not be safe: the copy must snapshot the keys in
+stream order at submit time (positions may be rewritten later), every layer submits during the same prefill long
+before the first job finishes, and forks or manual loops may run several caches' jobs at once. So each job
+leases a buffer of its own and gives it back when it can no longer read it (its future is done: finished,
+stopped or cancelled before it ran); the next submit that fits reuses it. After the first call a model's
+prefills pin nothing new (per layer a buffer for its keys and one for its k-means weights, grown when a longer
+prompt needs them). Offloaded layers pass `ready` and are read in place (no copy at all).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterable
@@ -31,6 +35,7 @@ from . import codebook
 from .codebook import ClusteringStopped, train_pq, train_rq
 from .kernels.quality import rq_assign_ref
 from .kernels.reference import pq_assign_ref
+from .pinned import StagingBuffers
 
 __all__ = ["Codebook", "ClusterPool", "ClusteringStopped", "default_num_threads"]
 
@@ -84,6 +89,7 @@ class ClusterPool:
         # threads' done-callbacks touch it)
         self._stops: dict[Future, threading.Event] = {}
         self._lock = threading.Lock()
+        self.staging = StagingBuffers()  # page-locked snapshots of CUDA keys (module docstring)
 
     def __reduce__(self):
         return (ClusterPool, (self.num_threads,))
@@ -115,32 +121,37 @@ class ClusterPool:
         (num_subspaces sub-spaces) or "residual" (num_subspaces full-dimension stages, `codebook.train_rq`).
         """
         src = keys[:, :, : max(hi, 0)]
+        leases = []  # staging buffers this job holds until its future is done
         if ready is not None:
             host = src  # positions [lo, hi) of a host store are never written again
         elif src.device.type == "cuda":
-            host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)  # see the module docstring
-            host.copy_(src, non_blocking=True)
-            ready = torch.cuda.Event()
-            # the copy runs on the keys' device's current stream, which need not be the current device's
-            # (a device map over several GPUs): record there, or the job could read the buffer too early
-            ready.record(torch.cuda.current_stream(src.device))
+            host, ready = self._snapshot(src, src.dtype, leases)
         else:
             host, ready = src.clone(), None  # the buffer is written in place later: take a copy
         wts, wready = None, None
         if weights is not None:  # small ([B, Hkv, hi]): copied like the keys, never read in place
             wsrc = weights[:, :, : max(hi, 0)]
             if wsrc.device.type == "cuda":
-                wts = torch.empty(wsrc.shape, dtype=torch.float32, pin_memory=True)
-                wts.copy_(wsrc, non_blocking=True)
-                wready = torch.cuda.Event()
-                wready.record(torch.cuda.current_stream(wsrc.device))
+                wts, wready = self._snapshot(wsrc, torch.float32, leases)
             else:
                 wts = wsrc.float().clone()
         stop = threading.Event()
         use_faiss = codebook.default_use_faiss()  # decided once per job: the Codebook names what really ran
         where = f"layer {layer}" if layer is not None else "a layer"
 
+        def give_back() -> None:  # once the job can no longer read its snapshots (idempotent)
+            with self._lock:
+                mine, leases[:] = list(leases), []
+            for buf in mine:
+                self.staging.give(buf)
+
         def job() -> Codebook:
+            try:
+                return train()
+            finally:
+                give_back()  # before the future completes: whoever sees the result finds the buffers free
+
+        def train() -> Codebook:
             if ready is not None:
                 ready.synchronize()
             if wready is not None:
@@ -171,7 +182,24 @@ class ClusterPool:
             fut = self._pool.submit(job)
             self._stops[fut] = stop
         fut.add_done_callback(self._forget)
+        if leases:  # a job cancelled before it ran never reaches its `finally`
+            fut.add_done_callback(lambda f: give_back() if f.cancelled() else None)
         return fut
+
+    def _snapshot(self, src, dtype: torch.dtype, leases: list) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Start an asynchronous copy of CUDA tensor `src` into a leased page-locked buffer (as `dtype`).
+        Returns the host tensor and the event after which it holds the snapshot."""
+        nbytes = math.prod(src.shape) * torch.empty((), dtype=dtype).element_size()
+        buf = self.staging.take(nbytes, src.device)
+        leases.append(buf)
+        host = buf.view(src.shape, dtype)
+        host.copy_(src, non_blocking=True)
+        ready = torch.cuda.Event()
+        # the copy runs on the keys' device's current stream, which need not be the current device's
+        # (a device map over several GPUs): record there, or the job could read the buffer too early
+        ready.record(torch.cuda.current_stream(src.device))
+        buf.fence(ready)  # a later lease of this buffer waits for this copy (a job cancelled before it ran)
+        return host, ready
 
     def _forget(self, fut: Future) -> None:
         with self._lock:
@@ -204,6 +232,7 @@ class ClusterPool:
             pending = list(self._stops)
         self.cancel(pending)
         self._pool.shutdown(wait=True)
+        self.staging.clear()  # every job is done, so every staging buffer is back: unregister them
 
 
 def _log_abandoned(fut: Future) -> None:

@@ -87,24 +87,30 @@ def test_copy_ready_event_is_recorded_on_the_keys_device(monkeypatch):
         streams.append(device)
         return f"stream of {device}"
 
-    real_empty = torch.empty
+    class FakeCudart:  # registration of the staging buffer "succeeds": it is plain host memory here
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            return 0
 
-    def fake_empty(*shape, pin_memory=False, **kw):
-        out = real_empty(*shape, **kw)
-        out.copy_ = lambda src, non_blocking=False: torch.Tensor.copy_(out, src.t)  # the "device->host copy"
-        return out
+        def cudaHostUnregister(self, ptr):
+            return 0
+
+    real_copy = torch.Tensor.copy_
+
+    def fake_copy(self, src, non_blocking=False):  # the "device->host copy"
+        return real_copy(self, src.t if isinstance(src, _FakeCudaKeys) else src)
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", fake_current_stream)
-    monkeypatch.setattr(torch, "empty", fake_empty)
+    monkeypatch.setattr(torch.cuda, "cudart", FakeCudart)
+    monkeypatch.setattr(torch.Tensor, "copy_", fake_copy)
     keys = torch.randn(1, 2, 300, 16)
     pool = ClusterPool(1)
     try:
         fut = pool.submit(_FakeCudaKeys(keys), [0], 300, 2, 3, 2, 0)
-        monkeypatch.undo()  # the job itself may use the real torch.empty
         book = fut.result(timeout=60)
     finally:
         pool.shutdown()
+        monkeypatch.undo()
     assert streams == [torch.device("cuda", 1)] and recorded == ["stream of cuda:1"]
     assert book.centroids.shape == (1, 2, 2, 8, 8)
 

@@ -345,7 +345,7 @@ class PQLayer(StaticLayer):
             self.pages.update(self.keys, self.start, max(int(hi), 0))
         top = select(
             self.cfg.selection, query, lo, hi_b, self.topk_slots, scaling, keys=self.keys, centroids=self.centroids,
-            codes=self.codes, pages=self.pages, fixed=self.snap_idx, backend=self.cfg.backend, rerank=self.cfg.rerank,
+            codes=self.codes, pages=self.pages, fixed=self.snap_idx, backend=self.cfg.backend, rerank=self.cfg.rerank_factor,
             k_valid=self.split_n[2:],
         )  # [B, Hkv, k_slots]: the best topk_n of them, the rest -1
         j = torch.arange(self.sink_slots, device=dev)

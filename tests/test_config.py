@@ -34,7 +34,10 @@ def test_frozen_and_defaults():
     cfg = PQCacheConfig()
     assert (cfg.token_budget, cfg.sink_tokens, cfg.local_tokens, cfg.num_subspaces, cfg.bits) == (0.2, 32, 0.5, 2, 8)
     assert cfg.num_centroids == 256  # 8-bit codes: 2 bytes per token and KV head at m = 2
-    assert cfg.weighted_kmeans and cfg.observation_window == 64 and cfg.quantizer == "pq" and cfg.rerank == 1
+    assert cfg.weighted_kmeans and cfg.observation_window == 64 and cfg.quantizer == "pq"
+    assert cfg.rerank is None and cfg.rerank_factor == 2  # re-ranking on by default for resident caches ...
+    assert PQCacheConfig(offload=True).rerank_factor == 1  # ... and off with offload (exact keys on the host)
+    assert PQCacheConfig(rerank=1).rerank_factor == 1 and PQCacheConfig(rerank=3).rerank_factor == 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.bits = 4
 

@@ -100,8 +100,8 @@ def kv_memory(model, cache) -> dict[str, int]:
             out["pq_codes"] += layer.codes.numel() * layer.codes.element_size()
             out["pq_centroids"] += layer.centroids.numel() * layer.centroids.element_size()
         out["pq_attended"] += (layer.sink + layer.topk + layer.local) * per_tok
-        if layer.cfg.selection == "pq" and layer.cfg.rerank > 1:
-            out["pq_rerank"] += layer.cfg.rerank * layer.topk * hkv * d * elem  # exact keys of the shortlist
+        if layer.cfg.selection == "pq" and layer.cfg.rerank_factor > 1:
+            out["pq_rerank"] += layer.cfg.rerank_factor * layer.topk * hkv * d * elem  # exact keys of the shortlist
     return out
 
 

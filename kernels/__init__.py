@@ -7,7 +7,8 @@ elsewhere. When "auto" has to fall back to the reference on CUDA (triton missing
 it in `kernels.last_fallback`, so a slow GPU run can be explained after the fact.
 Shapes are documented in `kernels.reference`. Nothing here imports transformers or triton at import time.
 
-pq_topk, pq_assign, sparse_decode_attention and rerank_topk call the torch.library ops `torch.ops.pqpatch.*`
+pq_topk, pq_assign, sparse_decode_attention, rerank_topk and pq_log_partition call the torch.library ops
+`torch.ops.pqpatch.*`
 (`kernels.ops`), so torch.compile(fullgraph=True) keeps them in one graph on every backend.
 """
 
@@ -25,8 +26,8 @@ import torch
 from pqpatch.kernels import ops as _ops  # noqa: E402
 from . import reference as ref
 
-__all__ = ["pq_topk", "exact_topk", "pq_assign", "sparse_decode_attention", "rerank_topk", "resolve_backend",
-           "last_fallback"]
+__all__ = ["pq_topk", "exact_topk", "pq_assign", "sparse_decode_attention", "rerank_topk", "pq_log_partition",
+           "resolve_backend", "last_fallback"]
 
 _BACKENDS = ("auto", "torch", "cpu", "triton")
 _log = logging.getLogger(__name__)
@@ -114,14 +115,24 @@ def sparse_decode_attention(query, keys, values, idx, scaling: float, backend: s
 
 
 def rerank_topk(query, keys, shortlist, k: int, scaling: float, *, backend: str = "auto",
-                k_valid: torch.Tensor | None = None) -> torch.Tensor:
+                k_valid: torch.Tensor | None = None, log_z: torch.Tensor | None = None) -> torch.Tensor:
     """Exact re-ranking of a shortlist: the best min(k, k_valid) of its positions by exact GQA group score.
 
     query: [B, Hkv, G, D]; keys: [B, Hkv, N, D] (float32/bfloat16/float16, any strides, e.g. the preallocated
     cache); shortlist: [B, Hkv, R] int32/int64 positions in [0, N), negative = empty, each position at most once
     per row (a PQ shortlist, R = r * k); k_valid: optional 1-element integer tensor on the query's device (a runtime
-    count: the slots stay k). Score of an entry: the sum over the G query heads of each head's softmax over the
-    row's entries (`quality.rerank_exact_ref`, the rule of every selector).
+    count: the slots stay k).
+
+    Score of an entry n, with l_g(n) the exact scaled logit of query head g (`quality.rerank_exact_ref`):
+      * log_z given ([B, Hkv, G] float32 on the query's device, each head's log-partition over *all* candidates,
+        `pq_log_partition`): sum_g exp(l_g(n) - log_z[g]), head g's probability under the full-candidate softmax
+        (not renormalised over the shortlist): the selection rule of every selector, with the partition estimated
+        through the PQ codes. Computed as sum_g exp(t_g(n) - max_{g', n'} t), t = l - log_z (a per-row factor,
+        so no overflow when exact logits exceed the estimate, and the ranking is unchanged); a non-finite log_z
+        entry counts as 0. This is what `selection.select` passes.
+      * log_z None: sum_g of head g's softmax over the row's shortlist entries only. This re-weights the heads (a
+        head whose mass lies mostly outside the shortlist is inflated) and on planted GQA keys agreed less with
+        the oracle than the codes alone (`log_partition` module doc); kept for callers without codes.
 
     Returns [B, Hkv, k] int64: min(k, k_valid, entries of the row) distinct positions, then -1. Order: best first
     for "torch" and "triton", ascending positions for "cpu" (what the CPU sparse attention reads fastest); compare
@@ -137,4 +148,24 @@ def rerank_topk(query, keys, shortlist, k: int, scaling: float, *, backend: str 
     the same shape (`benchmarks/bench_rerank.py`): 8.2 ms at N = 32K and 33 ms at 128K (reference: 31 / 170 ms).
     """
     return _ops.rerank_topk_op(query, keys, shortlist, int(k), float(scaling), _checked(backend, query.device),
-                               k_valid)
+                               k_valid, log_z)
+
+
+def pq_log_partition(query, centroids, codes, lo, hi, scaling: float, backend: str = "auto") -> torch.Tensor:
+    """Per-head log-partition of the PQ logits over the candidates: [B, Hkv, G] float32,
+    log_z[b, h, g] = log sum_{lo[b] <= n < hi[b]} exp(scaling * q_g . reconstructed key_n), -inf for a sequence
+    without candidates. What `rerank_topk(..., log_z=...)` normalises the exact logits by.
+
+    query: [B, Hkv, G, D] float; centroids: [B, Hkv, m, K, Ds] float, K <= 256, m * Ds = D (residual stages: pass
+    `quality.residual_query(query, stages)`, as for `pq_topk`); codes: [B, Hkv, N, m] uint8 (a preallocated buffer:
+    only [lo, hi) is read); lo, hi: [B] int32/int64 on the query's device. Shapes, dtypes and devices are checked
+    (ValueError) on every backend.
+
+    Backends: "torch" the reference (`log_partition.log_partition_ref`: per-token logits through the LUT);
+    "cpu" `log_partition.log_partition_cpu` (a histogram of the joint codes, no per-token float work, m <= 2;
+    Llama-3-8B layer, one thread: ~1.5 / 2.8 ms at 32K / 128K candidates, 20-23% / 15% of the CPU `pq_topk` of the
+    rerank=2 shortlist, `benchmarks/bench_log_partition.py`); "triton" the PQ
+    top-k's LUT and per-head softmax-statistics kernels and a merge kernel (`kernels._triton.log_partition`;
+    no host sync, CUDA-graph safe). Accuracy: float32 online sums on Triton, float64 sums on CPU.
+    """
+    return _ops.pq_log_partition_op(query, centroids, codes, lo, hi, float(scaling), _checked(backend, query.device))

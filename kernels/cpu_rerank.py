@@ -17,7 +17,8 @@ Why it is fast on CPU (plain ATen ops; nothing here touches a device):
     ascending without a sort.
 
 Ties: every entry scoring strictly above the k-th selected score is selected; among entries equal to it the lowest
-positions are taken.
+positions are taken. With `log_z` (the per-head log-partition over all candidates) the score of an entry is
+sum_g exp(l_g - log_z_g), scaled per row; without it, the sum of per-head softmaxes over the shortlist.
 """
 
 from __future__ import annotations
@@ -38,16 +39,17 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Tensor, k: int, scaling: float,
-                    k_valid: torch.Tensor | None = None) -> torch.Tensor:
+                    k_valid: torch.Tensor | None = None, log_z: torch.Tensor | None = None) -> torch.Tensor:
     """Re-score the shortlist with the exact keys and keep its best min(k, k_valid) entries.
 
     query: [B, Hkv, G, D]; keys: [B, Hkv, N, D] (float32/bfloat16/float16, any strides; one that cannot be viewed
     as [B * Hkv * N, D] rows, e.g. a slice of a longer buffer, is copied first, as in cpu_attention); shortlist:
     [B, Hkv, R] int32/int64 positions in [0, N) (a position >= N raises), negative = empty, each position at most
-    once per row; k_valid: optional 1-element integer CPU tensor. Returns [B, Hkv, k] int64: the selected positions
-    in ascending order, then -1.
+    once per row; k_valid: optional 1-element integer CPU tensor; log_z: optional [B, Hkv, G] float32 per-head
+    log-partition over all candidates (the score rule with and without it: `quality.rerank_exact_ref`). Returns
+    [B, Hkv, k] int64: the selected positions in ascending order, then -1.
     """
-    check_rerank_inputs(query, keys, shortlist, k, k_valid)
+    check_rerank_inputs(query, keys, shortlist, k, k_valid, log_z)
     _check(query.device.type == "cpu", f"backend 'cpu' needs CPU tensors, the query is on {query.device}")
     b, h, g, d = query.shape
     n, r = keys.shape[2], shortlist.shape[2]
@@ -86,9 +88,17 @@ def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Te
             buf = wide[: m * d].view(m, d).copy_(buf)
         torch.bmm(qf, buf.view(bh, c1 - c0, d).transpose(1, 2), out=logits[:, :, c0:c1])
     logits.mul_(scaling).masked_fill_(~valid[:, None, :], float("-inf"))
-    # per-head softmax over the row's entries, summed over the group (the GQA rule); a row without entries gives
-    # NaN here, and every one of its entries is set to -inf just below
-    score = torch.softmax(logits, dim=-1).sum(dim=1)  # [BH, cnt]
+    if log_z is not None:
+        # each head's probability under its full-candidate softmax, sum_g exp(l - log_z), scaled by one factor
+        # per row: t = l - log_z, minus the row's max of t (no overflow; the ranking is unchanged)
+        lz = log_z.reshape(bh, g)
+        logits.sub_(torch.where(torch.isfinite(lz), lz, 0.0)[:, :, None])
+        mx = logits.amax(dim=(1, 2), keepdim=True)
+        score = logits.sub_(torch.where(torch.isfinite(mx), mx, 0.0)).exp_().sum(dim=1)  # [BH, cnt]
+    else:
+        # per-head softmax over the row's entries, summed over the group; a row without entries gives NaN here,
+        # and every one of its entries is set to -inf just below
+        score = torch.softmax(logits, dim=-1).sum(dim=1)  # [BH, cnt]
     score.masked_fill_(~valid, float("-inf"))
     # the kk-th best score of every row, then a mask: above it, or equal to it among the first `need` ties
     thr = torch.topk(score, kk, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # [BH, 1]

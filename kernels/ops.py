@@ -5,11 +5,14 @@ op as one opaque node with a known output shape instead of tracing into Triton l
     torch.ops.pqpatch.pq_assign(keys, centroids, backend) -> codes [B, Hkv, T, m] uint8
     torch.ops.pqpatch.sparse_decode_attention(query, keys, values, idx, scaling, backend)
         -> (out [B, Hkv, G, Dv] query.dtype, lse [B, Hkv, G] float32)
-    torch.ops.pqpatch.rerank_topk(query, keys, shortlist, k, scaling, backend, k_valid) -> idx [B, Hkv, k] int64
+    torch.ops.pqpatch.rerank_topk(query, keys, shortlist, k, scaling, backend, k_valid, log_z)
+        -> idx [B, Hkv, k] int64
+    torch.ops.pqpatch.pq_log_partition(query, centroids, codes, lo, hi, scaling, backend) -> log_z [B, Hkv, G] float32
 
 `backend` is already resolved ("torch", "cpu" or "triton", see `kernels.resolve_backend`); "torch" runs
-`kernels.reference` (`kernels.quality` for rerank_topk), "cpu" the CPU fast paths (`kernels.cpu_select`,
-`kernels.cpu_attention`, `kernels.cpu_rerank`; `pq_assign` has no separate CPU path: one token per step, the
+`kernels.reference` (`kernels.quality` for rerank_topk, `kernels.log_partition` for pq_log_partition), "cpu" the CPU
+fast paths (`kernels.cpu_select`, `kernels.cpu_attention`, `kernels.cpu_rerank`, `log_partition.log_partition_cpu`;
+`pq_assign` has no separate CPU path: one token per step, the
 reference is already cheap). The fake (meta) implementations only build the output shapes. Inference only: no
 autograd formula is registered. Importing this module does not import triton.
 """
@@ -25,8 +28,9 @@ from . import quality
 from .cpu_attention import sparse_decode_attention_cpu
 from .cpu_rerank import rerank_topk_cpu
 from .cpu_select import pq_topk_cpu
+from .log_partition import check_log_partition_inputs, log_partition_cpu, log_partition_ref
 
-__all__ = ["pq_topk_op", "pq_assign_op", "sparse_decode_attention_op", "rerank_topk_op"]
+__all__ = ["pq_topk_op", "pq_assign_op", "sparse_decode_attention_op", "rerank_topk_op", "pq_log_partition_op"]
 
 
 def _triton():
@@ -97,18 +101,40 @@ def _(query, keys, values, idx, scaling, backend):
 
 @torch.library.custom_op("pqpatch::rerank_topk", mutates_args=())
 def rerank_topk_op(query: Tensor, keys: Tensor, shortlist: Tensor, k: int, scaling: float, backend: str,
-                   k_valid: Optional[Tensor] = None) -> Tensor:
+                   k_valid: Optional[Tensor] = None, log_z: Optional[Tensor] = None) -> Tensor:
     """[B, Hkv, k] int64: the best min(k, k_valid) shortlist positions by exact group score, -1 = empty. See
-    `quality.rerank_exact_ref` (order: best first for "torch" and "triton", ascending positions for "cpu")."""
+    `quality.rerank_exact_ref` (order: best first for "torch" and "triton", ascending positions for "cpu").
+    log_z: optional [B, Hkv, G] float32 per-head log-partition (`pq_log_partition`); None: shortlist softmax."""
     _check_backend(backend)
     if backend == "triton":
-        return _triton().rerank_topk_triton(query, keys, shortlist, k, scaling, k_valid=k_valid)
+        return _triton().rerank_topk_triton(query, keys, shortlist, k, scaling, k_valid=k_valid, log_z=log_z)
     if backend == "cpu":
-        return rerank_topk_cpu(query, keys, shortlist, k, scaling, k_valid)
-    quality.check_rerank_inputs(query, keys, shortlist, k, k_valid)
-    return quality.rerank_exact_ref(query, keys, shortlist, k, scaling, k_valid).contiguous()
+        return rerank_topk_cpu(query, keys, shortlist, k, scaling, k_valid, log_z)
+    quality.check_rerank_inputs(query, keys, shortlist, k, k_valid, log_z)
+    return quality.rerank_exact_ref(query, keys, shortlist, k, scaling, k_valid, log_z).contiguous()
 
 
 @rerank_topk_op.register_fake
-def _(query, keys, shortlist, k, scaling, backend, k_valid=None):
+def _(query, keys, shortlist, k, scaling, backend, k_valid=None, log_z=None):
     return query.new_empty((query.shape[0], query.shape[1], k), dtype=torch.int64)
+
+
+@torch.library.custom_op("pqpatch::pq_log_partition", mutates_args=())
+def pq_log_partition_op(query: Tensor, centroids: Tensor, codes: Tensor, lo: Tensor, hi: Tensor, scaling: float,
+                        backend: str) -> Tensor:
+    """[B, Hkv, G] float32: per-head log-sum-exp of the PQ logits over the candidates lo[b] <= n < hi[b], -inf for a
+    sequence without candidates. See `log_partition.log_partition_ref`."""
+    _check_backend(backend)
+    if backend == "triton":
+        return _triton().pq_log_partition_triton(query, centroids, codes, lo, hi, scaling)
+    check_log_partition_inputs(query, centroids, codes, lo, hi)
+    if backend == "cpu":
+        if query.device.type != "cpu":
+            raise ValueError(f"backend 'cpu' needs CPU tensors, the query is on {query.device}")
+        return log_partition_cpu(query, centroids, codes, lo, hi, scaling).contiguous()
+    return log_partition_ref(query, centroids, codes, lo, hi, scaling).contiguous()
+
+
+@pq_log_partition_op.register_fake
+def _(query, centroids, codes, lo, hi, scaling, backend):
+    return query.new_empty(query.shape[:3], dtype=torch.float32)

@@ -7,9 +7,12 @@ query is q repeated S times: so `residual_query` + the PQ top-k (`pq_topk`, ever
 new kernel. Centroids use the PQ layout [B, Hkv, S, K, D]; codes [B, Hkv, N, S] uint8.
 
 Exact re-ranking: a PQ shortlist of r * k tokens is scored again with the exact keys (r * k * D key elements
-read per KV head and step) and the best k kept, by the same GQA rule as every selector (per-head softmax over
-the shortlist, summed over the group). `rerank_exact_ref` is the reference of the public op `kernels.rerank_topk`
-(CPU fast path: `kernels.cpu_rerank`; Triton: `kernels._triton.rerank`).
+read per KV head and step) and the best k kept, by the same GQA rule as every selector: the sum over the group of
+each head's probability under its softmax over *all* candidates, whose normaliser log Z_g the caller passes as
+`log_z` (estimated through the PQ codes: `kernels.log_partition`). Without `log_z` each head's softmax is taken over
+the shortlist alone, which re-weights the heads (see `kernels.log_partition` for why that hurts).
+`rerank_exact_ref` is the reference of the public op `kernels.rerank_topk` (CPU fast path: `kernels.cpu_rerank`;
+Triton: `kernels._triton.rerank`).
 
 Plain tensor ops (no host synchronisation, static shapes), so a compiled decode step stays one graph.
 """
@@ -63,7 +66,7 @@ def rq_reconstruct_ref(centroids: torch.Tensor, codes: torch.Tensor) -> torch.Te
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_rerank_inputs(query, keys, shortlist, k, k_valid) -> None:
+def check_rerank_inputs(query, keys, shortlist, k, k_valid, log_z=None) -> None:
     """Argument checks of `rerank_topk` shared by its CPU and Triton launchers: a ValueError naming the offending
     shape, dtype or device (no data is read, so nothing synchronises)."""
 
@@ -91,7 +94,12 @@ def check_rerank_inputs(query, keys, shortlist, k, k_valid) -> None:
               and k_valid.dtype in (torch.int32, torch.int64),
               f"k_valid must be a 1-element int32/int64 tensor, got {getattr(k_valid, 'dtype', type(k_valid))} "
               f"{tuple(getattr(k_valid, 'shape', ()))}")
-    for name, t in (("keys", keys), ("shortlist", shortlist), ("k_valid", k_valid)):
+    if log_z is not None:
+        check(isinstance(log_z, torch.Tensor) and log_z.dtype == torch.float32
+              and tuple(log_z.shape) == tuple(query.shape[:3]),
+              f"log_z must be a float32 tensor [B, Hkv, G] = {list(query.shape[:3])}, got "
+              f"{getattr(log_z, 'dtype', type(log_z))} {tuple(getattr(log_z, 'shape', ()))}")
+    for name, t in (("keys", keys), ("shortlist", shortlist), ("k_valid", k_valid), ("log_z", log_z)):
         if t is not None:
             check(t.device == query.device, f"{name} is on {t.device} but the query is on {query.device}")
 
@@ -118,12 +126,17 @@ def rerank_exact_ref(
     k: int,
     scaling: float,
     k_valid: torch.Tensor | None = None,
+    log_z: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Re-score a shortlist with the exact keys and keep its best k: the reference of `kernels.rerank_topk`.
 
     query: [B, Hkv, G, D]; keys: [B, Hkv, N, D]; shortlist: [B, Hkv, R] positions in [0, N), negative = empty,
     each position at most once per row (R < k is allowed: the extra slots are -1).
-    Score of an entry: sum over the G heads of each head's softmax over the row's non-empty entries (the GQA rule).
+    Score of an entry n, l_g(n) = scaling * q_g . key_n in float32:
+      log_z [B, Hkv, G] given: sum_g exp(l_g(n) - log_z[g]), each head's probability under its softmax over all
+        candidates (log_z: `log_partition`), computed as sum_g exp(t_g(n) - max_{g', n'} t) with t = l - log_z
+        (a per-row factor: no overflow, same ranking); a non-finite log_z entry counts as 0.
+      log_z None: sum over the G heads of each head's softmax over the row's non-empty entries.
     k_valid: optional 1-element integer tensor, fill only the best min(k_valid, k) slots (the rest -1).
     Returns [B, Hkv, k] int64: the selected positions best first (among equal scores: torch.topk's choice), then
     -1 in the slots that min(k, k_valid, non-empty entries) leaves empty.
@@ -136,9 +149,16 @@ def rerank_exact_ref(
     kk = torch.gather(keys, 2, safe[..., None].expand(b, h, shortlist.shape[-1], d))  # [B, Hkv, R, D]
     logits = torch.einsum("bhgd,bhrd->bhgr", query.float(), kk.float()) * scaling
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-    mx = logits.amax(-1, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    p = torch.exp(logits - mx)
-    score = (p / p.sum(-1, keepdim=True).clamp_min(1e-30)).sum(2)  # [B, Hkv, R]: the GQA rule
+    if log_z is not None:
+        lz = log_z.float()
+        t = logits - torch.where(torch.isfinite(lz), lz, torch.zeros_like(lz))[..., None]
+        mx = t.amax(dim=(2, 3), keepdim=True)  # one shift per (b, h): the ranking is unchanged
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        score = torch.exp(t - mx).sum(2)  # [B, Hkv, R]
+    else:
+        mx = logits.amax(-1, keepdim=True)
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        p = torch.exp(logits - mx)
+        score = (p / p.sum(-1, keepdim=True).clamp_min(1e-30)).sum(2)  # [B, Hkv, R]: the GQA rule
     score = score.masked_fill(~valid, float("-inf"))
     return rerank_keep_best(score, shortlist, k, k_valid)

@@ -16,12 +16,15 @@ import torch
 import triton
 
 from . import quality as _quality
+from .log_partition import check_log_partition_inputs
+from ._triton import log_partition as _logz
 from ._triton import pq_assign as _assign
 from ._triton import pq_topk as _topk
 from ._triton import rerank as _rerank
 from ._triton import sparse_attn as _attn
 
-__all__ = ["pq_topk_triton", "pq_assign_triton", "sparse_decode_attention_triton", "rerank_topk_triton"]
+__all__ = ["pq_topk_triton", "pq_assign_triton", "sparse_decode_attention_triton", "rerank_topk_triton",
+           "pq_log_partition_triton"]
 
 
 def _fix_interpreter_loop_bounds() -> None:
@@ -285,21 +288,23 @@ def sparse_decode_attention_triton(query: torch.Tensor, keys: torch.Tensor, valu
 
 @_on_tensor_device
 def rerank_topk_triton(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Tensor, k: int, scaling: float, *,
-                       k_valid: torch.Tensor | None = None, block: int | None = None,
-                       programs_per_row: int | None = None) -> torch.Tensor:
+                       k_valid: torch.Tensor | None = None, log_z: torch.Tensor | None = None,
+                       block: int | None = None, programs_per_row: int | None = None) -> torch.Tensor:
     """Exact re-ranking of a shortlist (see `kernels._triton.rerank` for the kernels, `quality.rerank_exact_ref`
     for the rule).
 
     query: [B, Hkv, G, D] float; keys: [B, Hkv, N, D] float32/float16/bfloat16 (any strides, e.g. a preallocated
     cache); shortlist: [B, Hkv, L] int32/int64 positions, negative = empty (a position >= N is treated as empty:
     checking it would need a host sync), each position at most once per row; k_valid: optional 1-element integer
-    tensor on the query's device, read there (never on the host). Returns [B, Hkv, k] int64: the best
-    min(k, k_valid) positions, best first (torch.topk over the exact scores), then -1.
+    tensor on the query's device, read there (never on the host); log_z: optional [B, Hkv, G] float32 per-head
+    log-partition over all candidates (`pq_log_partition`; the score rule with and without it:
+    `quality.rerank_exact_ref`). Returns [B, Hkv, k] int64: the best min(k, k_valid) positions, best first
+    (torch.topk over the exact scores), then -1.
     block / programs_per_row override the launch geometry (tests use them to exercise multi-block loops).
     """
-    _quality.check_rerank_inputs(query, keys, shortlist, k, k_valid)
+    _quality.check_rerank_inputs(query, keys, shortlist, k, k_valid, log_z)
     _check_device(query.device, keys=keys, shortlist=shortlist,
-                  **({} if k_valid is None else {"k_valid": k_valid}))
+                  **({} if k_valid is None else {"k_valid": k_valid}), **({} if log_z is None else {"log_z": log_z}))
     b, hkv, g, d = query.shape
     n, length = keys.shape[2], shortlist.shape[2]
     rows = b * hkv
@@ -316,7 +321,50 @@ def rerank_topk_triton(query: torch.Tensor, keys: torch.Tensor, shortlist: torch
         query, keys, shortlist, logits, part, n, length, hkv, float(scaling) * _LOG2E,
         *query.stride(), *keys.stride(), *shortlist.stride(),
         G=g, GP=gp, D=d, DP=dp, BLOCK=bl, num_warps=4)
+    lz = part if log_z is None else log_z  # without log_z the kernel never reads this pointer
     _rerank._score_kernel[(rows, p)](
-        shortlist, logits, part, score, n, length, hkv, *shortlist.stride(),
-        G=g, GP=gp, PP=_pow2(p), BLOCK=bl, num_warps=4)
+        shortlist, logits, part, lz, score, n, length, hkv, *shortlist.stride(),
+        *(log_z.stride() if log_z is not None else (0, 0, 0)),
+        G=g, GP=gp, PP=_pow2(p), BLOCK=bl, HAS_LZ=log_z is not None, num_warps=4)
     return _quality.rerank_keep_best(score, shortlist, k, k_valid)
+
+
+@_on_tensor_device
+def pq_log_partition_triton(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor,
+                            hi: torch.Tensor, scaling: float, *, block_n: int | None = None,
+                            programs_per_row: int | None = None) -> torch.Tensor:
+    """Per-head log-sum-exp of the PQ logits over the candidates [lo, hi) (see `kernels._triton.log_partition`).
+
+    query: [B, Hkv, G, D] float; centroids: [B, Hkv, m, K, Ds] float, K <= 256, m * Ds = D; codes: [B, Hkv, N, m]
+    uint8 (only [lo, hi) is read); lo, hi: [B] int32/int64. Returns [B, Hkv, G] float32 (natural log), -inf for a
+    sequence without candidates. The LUT and statistics kernels are pq_topk's, with its launch geometry;
+    block_n / programs_per_row override it (tests use them to exercise multi-block loops).
+    """
+    check_log_partition_inputs(query, centroids, codes, lo, hi)
+    _check_device(query.device)
+    b, hkv, g, d = query.shape
+    m, kc, ds = centroids.shape[2:]
+    n = codes.shape[2]
+    out = torch.empty((b, hkv, g), dtype=torch.float32, device=query.device)
+    if out.numel() == 0:
+        return out
+    if n == 0:
+        return out.fill_(float("-inf"))
+    rows = b * hkv
+    gp = _pow2(g)
+    dsp = _pow2(ds, 16)
+    block_c = min(_pow2(kc, 16), max(16, 8192 // dsp))
+    bn = block_n or (1024 if gp <= 8 else 512)
+    p = max(1, min(triton.cdiv(n, bn), programs_per_row or triton.cdiv(_target_programs(query.device), rows)))
+    lut = torch.empty((rows, m, kc, gp), dtype=torch.float32, device=query.device)  # [R, m, K, GP]
+    ws = torch.empty((rows, _topk.WS_SIZE), dtype=torch.int32, device=query.device)  # _lut_kernel zeroes it; unused
+    part = torch.empty((rows, p, 2, gp), dtype=torch.float32, device=query.device)  # [R, P, (max, sum), GP]
+    cs = codes.stride()
+    _topk._lut_kernel[(rows, m, triton.cdiv(kc, block_c))](
+        query, centroids, lut, ws, hkv, float(scaling) * _LOG2E, *query.stride(), *centroids.stride(),
+        M=m, KC=kc, DS=ds, G=g, GP=gp, GD=_pow2(gp, 16), DSP=dsp, BLOCK_C=block_c, WS=_topk.WS_SIZE)
+    _topk._stats_kernel[(rows, p)](
+        codes, lut, part, lo, hi, n, hkv, cs[0], cs[1], cs[2], cs[3],
+        M=m, KC=kc, GP=gp, BLOCK_N=bn, num_warps=8)
+    _logz._merge_kernel[(rows,)](part, out, p, G=g, GP=gp, PP=_pow2(p), num_warps=1)
+    return out

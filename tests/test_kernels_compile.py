@@ -31,13 +31,16 @@ def _inputs(device=DEV):
 
 def _decode_step(q, c, codes, keys, values, lo, hi, kv, backend="torch"):
     """What the integration does per layer and decode step: select (also with exact re-ranking of a 2x shortlist,
-    the top-k count a device tensor), attend, encode the new key."""
+    the top-k count a device tensor, normalised by the PQ log-partition as `selection.select` does, and without
+    it), attend, encode the new key."""
     idx = kernels.pq_topk(q, c, codes, lo, hi, 24, 0.125, backend=backend)
     short = kernels.pq_topk(q, c, codes, lo, hi, 48, 0.125, backend=backend, k_valid=kv * 2)
-    top = kernels.rerank_topk(q, keys, short, 24, 0.125, backend=backend, k_valid=kv)
+    log_z = kernels.pq_log_partition(q, c, codes, lo, hi, 0.125, backend=backend)
+    top = kernels.rerank_topk(q, keys, short, 24, 0.125, backend=backend, k_valid=kv, log_z=log_z)
+    top_sl = kernels.rerank_topk(q, keys, short, 24, 0.125, backend=backend, k_valid=kv)
     out, lse = kernels.sparse_decode_attention(q, keys, values, idx, 0.125, backend=backend)
     new_codes = kernels.pq_assign(keys[:, :, -1:], c, backend=backend)
-    return idx.sort(-1).values, top.sort(-1).values, out, lse, new_codes
+    return idx.sort(-1).values, log_z, top.sort(-1).values, top_sl.sort(-1).values, out, lse, new_codes
 
 
 def _assert_same(a, b):
@@ -78,8 +81,11 @@ def test_opcheck_reference_and_cpu_backends(backend):
     idx = kernels.pq_topk(x["q"], x["c"], x["codes"], x["lo"], x["hi"], 24, 0.125, backend=backend)
     torch.library.opcheck(ops.sparse_decode_attention.default, (x["q"], x["keys"], x["values"], idx, 0.125, backend))
     torch.library.opcheck(ops.pq_assign.default, (x["keys"][:, :, :5], x["c"], backend))
+    log_z = kernels.pq_log_partition(x["q"], x["c"], x["codes"], x["lo"], x["hi"], 0.125, backend=backend)
+    torch.library.opcheck(ops.pq_log_partition.default, (x["q"], x["c"], x["codes"], x["lo"], x["hi"], 0.125, backend))
     for kv in (None, x["kv"]):
-        torch.library.opcheck(ops.rerank_topk.default, (x["q"], x["keys"], idx, 12, 0.125, backend, kv))
+        for lz in (None, log_z):
+            torch.library.opcheck(ops.rerank_topk.default, (x["q"], x["keys"], idx, 12, 0.125, backend, kv, lz))
 
 
 def test_unknown_backend_is_rejected():

@@ -2,6 +2,8 @@
 (`quality.rerank_exact_ref`): "torch" is the reference itself, "cpu" the CPU fast path, "triton" the Triton kernels
 (in the interpreter on a machine without CUDA, see tests/conftest.py).
 
+Both score rules are covered: with `log_z` (each head's probability under its softmax over all candidates, the
+normaliser given; what `selection.select` passes) and without (each head's softmax over the shortlist alone).
 A selection is checked by its rule, on float64 scores of the same inputs, not by index equality (float rounding may
 order near-ties differently): min(k, k_valid, entries) distinct shortlist positions then -1 (as many -1 as the
 reference), and every entry scoring strictly above the lowest selected score is selected. Orders: "torch" and
@@ -31,34 +33,66 @@ def _backends():
     return out + [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=pytest.mark.triton)]
 
 
-def _run(backend, query, keys, shortlist, k, scaling, k_valid=None, block=None, progs=None):
+def _run(backend, query, keys, shortlist, k, scaling, k_valid=None, block=None, progs=None, log_z=None):
     if backend == "triton":
         pytest.importorskip("triton")
         if block is not None or progs is not None:
             from pqpatch.kernels import triton_ops
 
-            return triton_ops.rerank_topk_triton(query, keys, shortlist, k, scaling, k_valid=k_valid, block=block,
-                                                 programs_per_row=progs)
-    return kernels.rerank_topk(query, keys, shortlist, k, scaling, backend=backend, k_valid=k_valid)
+            return triton_ops.rerank_topk_triton(query, keys, shortlist, k, scaling, k_valid=k_valid, log_z=log_z,
+                                                 block=block, programs_per_row=progs)
+    return kernels.rerank_topk(query, keys, shortlist, k, scaling, backend=backend, k_valid=k_valid, log_z=log_z)
 
 
-def scores64(query, keys, shortlist, scaling):
-    """float64 group scores [B, Hkv, R] of the shortlist entries (-inf on empty ones): the rule, computed exactly."""
+def _logits64(query, keys, shortlist, scaling):
     b, h, g, d = query.shape
     valid = shortlist >= 0
     kk = torch.gather(keys.double(), 2, shortlist.clamp_min(0).long()[..., None].expand(b, h, shortlist.shape[-1], d))
     logits = torch.einsum("bhgd,bhrd->bhgr", query.double(), kk) * scaling
-    logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row without entries: nothing
+    return logits.masked_fill(~valid[:, :, None, :], float("-inf")), valid
+
+
+def scores64(query, keys, shortlist, scaling, log_z=None):
+    """float64 group scores [B, Hkv, R] of the shortlist entries (-inf on empty ones): the rule, computed exactly.
+    With log_z: sum_g exp(l_g - log_z_g) (non-finite log_z counts as 0), divided by the row's largest
+    exp(l_g - log_z_g), the same per-row factor the backends use, so an underflow threshold means the same thing
+    here and there."""
+    logits, valid = _logits64(query, keys, shortlist, scaling)
+    if log_z is None:
+        p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row without entries: nothing
+    else:
+        lz = log_z.double()
+        t = logits - torch.where(torch.isfinite(lz), lz, 0.0)[..., None]
+        mx = t.amax(dim=(2, 3), keepdim=True)
+        p = torch.exp(t - torch.where(torch.isfinite(mx), mx, 0.0))
     return p.sum(2).masked_fill(~valid, float("-inf"))
 
 
-def check_rerank(out, query, keys, shortlist, k, scaling, k_valid=None, order="best"):
+def make_log_z(query, keys, shortlist, scaling, seed):
+    """A log-partition per head as re-ranking gets it: the shortlist's log-sum-exp plus a random amount of mass
+    outside it (0.5 to 5 nats, differing across heads, so the full-candidate rule weights the heads differently
+    from the shortlist softmax), sometimes below it (-1 nat: exact logits above the PQ estimate); the first row
+    gets -inf (a sequence without PQ candidates) and, where there are >= 2 rows, the second a NaN head."""
+    gen = torch.Generator().manual_seed(seed)
+    logits, _ = _logits64(query.cpu(), keys.cpu(), shortlist.cpu(), scaling)
+    lse = logits.logsumexp(-1)  # [B, Hkv, G]
+    extra = torch.rand(lse.shape, generator=gen, dtype=torch.float64) * 6.0 - 1.0
+    lz = torch.where(torch.isfinite(lse), lse + extra, 0.0).float()
+    lz[0, 0] = float("-inf")
+    if lz.shape[0] * lz.shape[1] > 1:
+        lz.view(-1, lz.shape[2])[1, 0] = float("nan")
+    return lz.to(query.device)
+
+
+def check_rerank(out, query, keys, shortlist, k, scaling, k_valid=None, order="best", log_z=None):
     """out [B, Hkv, k] of a backend obeys the rule of `rerank_exact_ref` (see the module docstring)."""
     b, h = query.shape[:2]
     assert out.shape == (b, h, k) and out.dtype == torch.int64 and out.is_contiguous()
-    out, shortlist, sc = out.cpu(), shortlist.cpu(), scores64(query.cpu(), keys.cpu(), shortlist.cpu(), scaling).cpu()
-    want = rerank_exact_ref(query.cpu(), keys.cpu(), shortlist, k, scaling, None if k_valid is None else k_valid.cpu())
+    log_z = None if log_z is None else log_z.cpu()
+    out, shortlist = out.cpu(), shortlist.cpu()
+    sc = scores64(query.cpu(), keys.cpu(), shortlist, scaling, log_z)
+    want = rerank_exact_ref(query.cpu(), keys.cpu(), shortlist, k, scaling, None if k_valid is None else k_valid.cpu(),
+                            log_z)
     kv = k if k_valid is None else max(0, min(int(k_valid), k))
     for bi in range(b):
         for hi in range(h):
@@ -144,23 +178,29 @@ def _case_id(c):
     return f"B{c[0]}G{c[2]}D{c[3]}N{c[4]}R{c[5]}k{c[6]}{str(c[7])[6:]}{c[9][:3]}{'-peaked' if c[13] else ''}"
 
 
-def _check_case(backend, case, seed, block=None, progs=None):
+def _check_case(backend, case, seed, block=None, progs=None, with_log_z=False):
     b, hkv, g, d, n, r, k, dtype, holes, layout, sl_dtype, kv, sfac, peaked, strided = case
     query, keys, shortlist = make_case(b, hkv, g, d, n, r, dtype, seed, holes, layout, sl_dtype, peaked, strided)
     k_valid = None if kv is None else torch.tensor([kv], device=DEV)
     scaling = sfac / math.sqrt(d)
-    out = _run(backend, query, keys, shortlist, k, scaling, k_valid, block, progs)
-    check_rerank(out, query, keys, shortlist, k, scaling, k_valid, _order(backend))
+    log_z = make_log_z(query, keys, shortlist, scaling, seed) if with_log_z else None
+    out = _run(backend, query, keys, shortlist, k, scaling, k_valid, block, progs, log_z)
+    check_rerank(out, query, keys, shortlist, k, scaling, k_valid, _order(backend), log_z)
     return out, query, keys, shortlist, scaling
 
 
+LOG_Z = [pytest.param(False, id="shortlist-softmax"), pytest.param(True, id="log_z")]
+
+
+@pytest.mark.parametrize("with_log_z", LOG_Z)
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_rerank_topk_matches_reference(backend, case):
+def test_rerank_topk_matches_reference(backend, case, with_log_z):
     out, query, keys, shortlist, scaling = _check_case(backend, case, seed=case[4] + case[5] + case[2],
                                                         block=16 if backend == "triton" else None,
-                                                        progs=3 if backend == "triton" else None)
-    if case[13]:  # peaked: the dominant entry of every row is selected
+                                                        progs=3 if backend == "triton" else None,
+                                                        with_log_z=with_log_z)
+    if case[13]:  # peaked: the dominant entry of every row is selected (under both rules: it dominates every head)
         for bi in range(out.shape[0]):
             for hi in range(out.shape[1]):
                 listed = shortlist[bi, hi][shortlist[bi, hi] >= 0]
@@ -181,15 +221,16 @@ def _draw_case(rng: random.Random):
             rng.choice([1.0, 1.0, 10.0]), rng.choice([False, False, True]), rng.choice([False, True]))
 
 
+@pytest.mark.parametrize("with_log_z", LOG_Z)
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("draw", range(2))
 @pytest.mark.parametrize("seed", SEEDS)
-def test_rerank_topk_random_case(backend, seed, draw):
+def test_rerank_topk_random_case(backend, seed, draw, with_log_z):
     rng = random.Random(seed * 100 + 70 + draw)
     case = _draw_case(rng)
     block, progs = (rng.choice([None, 16, 32]), rng.choice([None, 1, 2, 5])) if backend == "triton" else (None, None)
-    print(f"PQPATCH_SEED={seed} draw={draw} case={case} block={block} progs={progs}")
-    _check_case(backend, case, seed=seed * 7 + draw, block=block, progs=progs)
+    print(f"PQPATCH_SEED={seed} draw={draw} case={case} block={block} progs={progs} log_z={with_log_z}")
+    _check_case(backend, case, seed=seed * 7 + draw, block=block, progs=progs, with_log_z=with_log_z)
 
 
 def test_check_rejects_a_ranking_bug():
@@ -210,6 +251,52 @@ def test_check_rejects_a_ranking_bug():
     worst = torch.gather(shortlist, -1, order[..., -k:].flip(-1))  # the k worst entries
     with pytest.raises(AssertionError, match="above the k-th"):
         check_rerank(worst, query, keys, shortlist, k, scaling)
+
+
+def test_check_rejects_the_shortlist_softmax_under_log_z():
+    """The log_z cases can fail: the shortlist-softmax selection (log_z ignored) breaks the log_z rule on a G = 4
+    case, while the log_z reference passes it."""
+    b, hkv, g, d, n, r, k, dtype, holes, layout, sl_dtype, kv, sfac, peaked, strided = CASES[0]
+    seed = n + r + g
+    query, keys, shortlist = make_case(b, hkv, g, d, n, r, dtype, seed, holes, layout, sl_dtype, peaked, strided,
+                                       device="cpu")
+    scaling = sfac / math.sqrt(d)
+    log_z = make_log_z(query, keys, shortlist, scaling, seed)
+    check_rerank(rerank_exact_ref(query, keys, shortlist, k, scaling, log_z=log_z), query, keys, shortlist, k,
+                 scaling, log_z=log_z)
+    with pytest.raises(AssertionError, match="above the k-th"):
+        check_rerank(rerank_exact_ref(query, keys, shortlist, k, scaling), query, keys, shortlist, k, scaling,
+                     log_z=log_z)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_log_z_weights_heads_by_their_full_partition(backend):
+    """G = 2, hand-built: head 0 has one large logit (10) in the shortlist but most of its mass outside it
+    (log_z = 20), head 1 all of its mass inside (log_z = its shortlist log-sum-exp). The shortlist softmax gives
+    head 0's entry ~1 and takes it (top-2 {0, 1}); with log_z its probability is e^-10 and head 1's two best win
+    (top-2 {1, 3})."""
+    q = torch.tensor([[[[10.0, 0.0], [0.0, 1.0]]]])  # [1, 1, G=2, D=2]
+    keys = torch.tensor([[[[1.0, 0.0], [0.0, 2.0], [0.0, 1.5], [0.0, 1.8], [-5.0, -5.0]]]])
+    shortlist = torch.tensor([[[4, 3, 2, 1, 0]]])
+    lse1 = (q[0, 0, 1] @ keys[0, 0].T).logsumexp(0)
+    log_z = torch.stack([torch.tensor(20.0), lse1]).view(1, 1, 2)
+    q, keys, shortlist, log_z = q.to(DEV), keys.to(DEV), shortlist.to(DEV), log_z.to(DEV)
+    assert set(_run(backend, q, keys, shortlist, 2, 1.0)[0, 0].tolist()) == {0, 1}
+    out = _run(backend, q, keys, shortlist, 2, 1.0, log_z=log_z)
+    assert set(out[0, 0].tolist()) == {1, 3}
+    check_rerank(out, q, keys, shortlist, 2, 1.0, order=_order(backend), log_z=log_z)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_log_z_far_below_the_exact_logits_does_not_overflow(backend):
+    """exp(l - log_z) with log_z = -1000 overflows float32 (and float64) without the per-row shift; with it the
+    selection follows the rule (the same constant for every head: the ranking of log_z = 0, the plain sum of
+    exp(l_g), which is what the float64 check computes after its own per-row shift)."""
+    query, keys, shortlist = make_case(2, 2, 4, 64, 300, 120, F32, seed=9, holes=0.2, device=DEV)
+    low = torch.full((2, 2, 4), -1000.0, device=DEV)
+    out = _run(backend, query, keys, shortlist, 40, 0.125, log_z=low)
+    check_rerank(out, query, keys, shortlist, 40, 0.125, order=_order(backend), log_z=low)
+    check_rerank(out, query, keys, shortlist, 40, 0.125, order=_order(backend), log_z=torch.zeros_like(low))
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -287,6 +374,10 @@ def test_bad_inputs_raise_clear_value_errors(backend):
             _run(backend, *args, 0.125)
     with pytest.raises(ValueError, match="k_valid"):
         _run(backend, q, keys, sl, 5, 0.125, k_valid=torch.tensor([1.0, 2.0], device=DEV))
+    for lz in (torch.zeros(1, 2, 3, device=DEV), torch.zeros(1, 2, 4, device=DEV, dtype=torch.float64),
+               torch.zeros(1, 2, 4, device=DEV, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="log_z must be a float32 tensor"):
+            _run(backend, q, keys, sl, 5, 0.125, log_z=lz)
     if backend == "cpu":
         with pytest.raises(ValueError, match="< N = 50"):
             _run(backend, q, keys, torch.where(sl == sl[0, 0, 0], 50, sl), 5, 0.125)

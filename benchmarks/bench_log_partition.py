@@ -1,0 +1,78 @@
+"""The PQ log-partition (`kernels.pq_log_partition`, what exact re-ranking normalises by) against the PQ top-k of
+the same step (`kernels.pq_topk` of the rerank=2 shortlist, 2k = N/5 tokens at k = N/10) and the reference, at the
+Llama-3-8B layer shape: B = 1, Hkv = 8, G = 4, D = 128, m = 2 sub-spaces of 256 centroids, every token a candidate.
+
+CPU (default): one thread (`torch.set_num_threads(1)`), float32, the "cpu" paths, timed in interleaved rounds (the
+order alternates), each op's time its minimum over the rounds. CUDA: the Triton paths, median of
+triton.testing.do_bench. The last column is the log-partition's time as a share of the top-k's.
+
+    python benchmarks/bench_log_partition.py [--n 32768 131072] [--rounds 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pqpatch import kernels  # noqa: E402
+from pqpatch.kernels.log_partition import log_partition_ref  # noqa: E402
+
+HKV, G, D, M, KC = 8, 4, 128, 2, 256
+
+
+def inputs(n: int, device: str, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, HKV, G, D, generator=gen)
+    c = torch.randn(1, HKV, M, KC, D // M, generator=gen)
+    codes = torch.randint(0, KC, (1, HKV, n, M), generator=gen, dtype=torch.uint8)
+    lo, hi = torch.tensor([0]), torch.tensor([n])
+    return tuple(t.to(device) for t in (q, c, codes, lo, hi))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--rounds", type=int, default=9)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(1)
+    fast = "triton" if cuda else "cpu"
+    print(f"device={'cuda' if cuda else 'cpu'} threads={torch.get_num_threads()} float32 B=1 Hkv={HKV} G={G} D={D} "
+          f"m={M} K={KC} backend={fast}")
+    print(f"{'N':>7} {'log_partition ms':>17} {'reference ms':>13} {'pq_topk(N/5) ms':>16} {'share':>6}")
+    for n in args.n:
+        q, c, codes, lo, hi = inputs(n, "cuda" if cuda else "cpu")
+        s = D ** -0.5
+        ops = {
+            "logz": lambda: kernels.pq_log_partition(q, c, codes, lo, hi, s, backend=fast),
+            "ref": lambda: log_partition_ref(q, c, codes, lo, hi, s),
+            "topk": lambda: kernels.pq_topk(q, c, codes, lo, hi, n // 5, s, backend=fast),
+        }
+        torch.testing.assert_close(ops["logz"](), ops["ref"](), rtol=1e-5, atol=1e-4)
+        if cuda:
+            import triton.testing as tt
+
+            best = {name: tt.do_bench(fn, warmup=10, rep=50, return_mode="median") for name, fn in ops.items()}
+        else:
+            best = {name: float("inf") for name in ops}
+            for rnd in range(args.rounds):
+                for name in (list(ops) if rnd % 2 == 0 else list(ops)[::-1]):
+                    t0 = time.perf_counter()
+                    ops[name]()
+                    best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+        print(f"{n:>7} {best['logz']:>17.3f} {best['ref']:>13.2f} {best['topk']:>16.2f} "
+              f"{best['logz'] / best['topk']:>6.1%}")
+
+
+if __name__ == "__main__":
+    main()

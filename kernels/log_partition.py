@@ -1,0 +1,149 @@
+"""Per-head log-partition of the PQ-approximate logits over the candidates: what exact re-ranking normalises by.
+
+Why re-ranking needs it. The selection rule (see `reference`) scores token n by sum_g p_g(n), with p_g a softmax
+over *all* candidates. Re-ranking knows exact logits only for its shortlist; a softmax over the shortlist alone
+re-weights the heads (a head whose mass lies mostly outside the shortlist is inflated), and on planted GQA keys that
+made re-ranking (r = 2) agree *less* with the oracle than the codes alone (tests/test_cache.py, lowest set overlap
+over the KV heads: 0.98 -> 0.93 at G = 4, 0.975 -> 0.885 at G = 8). Normalising the exact logits by each head's
+log-partition estimated through the codes, log Z_g = log sum_n exp(approx logit), keeps the oracle's head
+weighting, and re-ranking then matched the oracle's set exactly on those keys (overlap 1.0 at G = 1, 4, 8; r = 2, 4).
+
+    log_partition_ref(query, centroids, codes, lo, hi, scaling) -> [B, Hkv, G] float32 (-inf: no candidate)
+    log_partition_cpu(...)                                      -> the same, via the joint-code histogram (m <= 2)
+
+The public op is `kernels.pq_log_partition` (torch.library op `pqpatch::pq_log_partition`): "torch" runs the
+reference, "cpu" `log_partition_cpu`, "triton" the PQ top-k's LUT and softmax-statistics kernels plus a merge
+(`kernels._triton.log_partition`). `kernels.rerank_topk(..., log_z=...)` consumes it.
+
+Shapes: query [B, Hkv, G, D]; centroids [B, Hkv, m, K, Ds] (m * Ds = D; "residual" stages pass the query repeated
+per stage, see `quality.residual_query`); codes [B, Hkv, N, m] uint8; lo, hi [B] integer. Never imports triton.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .cpu_attention import _workspace
+from .reference import candidate_mask
+
+__all__ = ["log_partition_ref", "log_partition_cpu", "check_log_partition_inputs"]
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_INTS = (torch.int32, torch.int64)
+
+
+def check_log_partition_inputs(query, centroids, codes, lo, hi) -> None:
+    """Argument checks of `kernels.pq_log_partition`, shared by every backend: a ValueError naming the offending
+    shape, dtype or device (no data is read, so nothing synchronises)."""
+
+    def check(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ValueError(msg)
+
+    for name, t in (("query", query), ("centroids", centroids), ("codes", codes), ("lo", lo), ("hi", hi)):
+        check(isinstance(t, torch.Tensor), f"{name} must be a tensor, got {type(t).__name__}")
+    check(query.dim() == 4 and query.dtype in _FLOATS, f"query must be a float32/bfloat16/float16 tensor "
+          f"[B, Hkv, G, D], got {query.dtype} {tuple(query.shape)}")
+    check(centroids.dim() == 5 and centroids.dtype in _FLOATS, f"centroids must be a float32/bfloat16/float16 "
+          f"tensor [B, Hkv, m, K, Ds], got {centroids.dtype} {tuple(centroids.shape)}")
+    b, h, _, d = query.shape
+    m, kc, ds = centroids.shape[2:]
+    check(tuple(centroids.shape[:2]) == (b, h), f"centroids {tuple(centroids.shape)} do not match query "
+          f"{tuple(query.shape)} in [B, Hkv]")
+    check(m >= 1 and m * ds == d, f"centroids describe {m} sub-spaces of {ds} dims but the query has head dim {d} "
+          f"(residual stages: pass quality.residual_query(query, stages))")
+    check(1 <= kc <= 256, f"uint8 codes address at most 256 centroids per sub-space, got K = {kc}")
+    check(codes.dim() == 4 and codes.dtype == torch.uint8 and tuple(codes.shape[:2]) == (b, h)
+          and codes.shape[3] == m, f"codes must be a uint8 tensor [B, Hkv, N, m] = [{b}, {h}, N, {m}], got "
+          f"{codes.dtype} {tuple(codes.shape)}")
+    for name, t in (("lo", lo), ("hi", hi)):
+        check(t.dtype in _INTS and tuple(t.shape) == (b,),
+              f"{name} must be an int32/int64 tensor of shape [{b}], got {t.dtype} {tuple(t.shape)}")
+    for name, t in (("centroids", centroids), ("codes", codes), ("lo", lo), ("hi", hi)):
+        check(t.device == query.device, f"{name} is on {t.device} but the query is on {query.device}")
+
+
+def _lut(query: torch.Tensor, centroids: torch.Tensor, scaling: float) -> torch.Tensor:
+    """[B, Hkv, m, G, K] float32: scaled inner products of each query sub-vector with every centroid (one batched
+    matmul against the transposed centroid table: no copy of the [B, Hkv, m, K, Ds] table)."""
+    b, h, g, d = query.shape
+    m, _, ds = centroids.shape[2:]
+    q = query.float().reshape(b, h, g, m, ds).transpose(2, 3)  # [B, Hkv, m, G, Ds]
+    return torch.matmul(q, centroids.float().transpose(-1, -2)) * scaling
+
+
+def log_partition_ref(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor,
+                      hi: torch.Tensor, scaling: float) -> torch.Tensor:
+    """log sum over candidates lo[b] <= n < hi[b] of exp(scaling * q_g . reconstructed k_n): [B, Hkv, G] float32."""
+    b, h, g, _ = query.shape
+    m = centroids.shape[2]
+    n = codes.shape[2]
+    lut = _lut(query, centroids, scaling)
+    idx = codes.long().permute(0, 1, 3, 2)[:, :, :, None, :].expand(b, h, m, g, n)  # [B, Hkv, m, G, N]
+    logits = torch.gather(lut, 4, idx).sum(dim=2)  # [B, Hkv, G, N]
+    valid = candidate_mask(lo, hi, n)  # [B, N]
+    return logits.masked_fill(~valid[:, None, None, :], float("-inf")).logsumexp(dim=-1)
+
+
+def log_partition_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor,
+                      hi: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`log_partition_ref` on CPU without per-token float arithmetic for m <= 2 (module doc of `cpu_select`): with the
+    histogram C[c1, c0] of the candidates' joint codes, Z_g = sum C[c1, c0] exp(lut1[g, c1]) exp(lut0[g, c0]) is one
+    bilinear form per head, computed in float64 after subtracting each sub-space's maximum over all K centroids (so
+    it cannot overflow; it underflows to -inf only if the candidates' best logit lies ~700 nats below that sum of
+    maxima). Other m: the reference.
+
+    Cost per sequence (m = 2): the token work is one int32 histogram of the Hkv x n' joint codes (the code pair of
+    a token read as one little-endian uint16 where the codes buffer allows that view, widened and offset per head);
+    then Hkv [G, K] x [K, K] float64 products, independent of n'. Llama-3-8B layer (B = 1, Hkv = 8, G = 4, m = 2,
+    K = 256), one thread, float32: 1.3-1.6 ms at 32K candidates and 2.7-2.9 ms at 128K, i.e. 20-23% and 15% of
+    `pq_topk_cpu` selecting the rerank=2 shortlist (N/5) from the same codes (`benchmarks/bench_log_partition.py`;
+    the reference: 6-12 / 40-85 ms)."""
+    b, h, g, _ = query.shape
+    m, kc, _ = centroids.shape[2:]
+    n = codes.shape[2]
+    if m > 2:
+        return log_partition_ref(query, centroids, codes, lo, hi, scaling)
+    lut = _lut(query, centroids, scaling).double()  # [B, Hkv, m, G, K]
+    mx = lut.amax(dim=-1, keepdim=True)  # [B, Hkv, m, G, 1]
+    ex = (lut - mx).exp_()
+    shift = mx.sum(dim=2)[..., 0]  # [B, Hkv, G]: the subtracted maxima, added back in log space
+    out = torch.full((b, h, g), float("-inf"))
+    for bi, (a, e) in enumerate(zip(lo.tolist(), hi.tolist())):
+        a, e = max(0, int(a)), min(n, int(e))
+        if e <= a:
+            continue
+        counts = _joint_histogram(codes[bi, :, a:e], kc)  # [Hkv, rows, K] float64, rows = K (m = 2) or 1
+        # z[h, g, c1] = sum_c0 exp(lut0[g, c0]) C[c1, c0] (this operand order is MKL's fastest for the shape)
+        z = torch.bmm(ex[bi, :, 0], counts.transpose(1, 2))  # [Hkv, G, K] x [Hkv, K, rows] -> [Hkv, G, rows]
+        z = (z * ex[bi, :, 1]).sum(dim=-1) if m == 2 else z[..., 0]  # [Hkv, G]
+        out[bi] = (z.log() + shift[bi]).float()
+    return out
+
+
+def _joint_histogram(c: torch.Tensor, kc: int) -> torch.Tensor:
+    """c: [Hkv, n, m] uint8 codes (m <= 2). Returns float64 counts [Hkv, K, K] of the pairs (c1, c0) for m = 2,
+    [Hkv, 1, K] of c0 for m = 1: a view of a per-thread workspace, valid until the next call on this thread.
+
+    Why workspaces: the histogram of a Llama-3-8B layer has 8 x 65536 bins (m = 2), 2 MB of int32 and 4 MB of
+    float64; fresh tensors of that size come from the OS zero-filled page by page on every call, which cost as much
+    as the counting itself. The counting is `index_add_` of an expanded int32 one, the bin of a token its code pair
+    read as one little-endian uint16 where the codes buffer allows that view (no arithmetic per token)."""
+    h, n, m = c.shape
+    bins = 65536 if m == 2 else 256  # per head: every (c0, c1) as c0 + 256 c1, or every c0
+    joint = _workspace("logz_joint", h * n, torch.int32).view(h, n)
+    if m == 2 and sys.byteorder == "little" and c.stride(2) == 1 and c.stride(1) == 2 \
+            and c.storage_offset() % 2 == 0 and c.stride(0) % 2 == 0:
+        joint.copy_(c.view(torch.uint16)[..., 0])
+    elif m == 2:
+        torch.add(c[..., 0], c[..., 1].to(torch.int32), alpha=256, out=joint)
+    else:
+        joint.copy_(c[..., 0])
+    joint.add_(torch.arange(0, h * bins, bins, dtype=torch.int32).view(h, 1))  # per-head bins
+    counts = _workspace("logz_counts", h * bins, torch.int32).zero_()
+    counts.index_add_(0, joint.view(-1), torch.ones(1, dtype=torch.int32).expand(h * n))
+    out = _workspace("logz_counts64", h * bins, torch.float64).copy_(counts).view(h, -1, 256)  # [Hkv, rows, 256]
+    return out[:, :kc if m == 2 else 1, :kc]

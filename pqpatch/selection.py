@@ -5,7 +5,8 @@ sink and local-window tokens are added by the caller. GQA groups are aggregated 
 policy (per-head softmax over candidates, summed over the group; see `kernels.reference`).
 
 - "pq": PQ scores through codes and centroids (the PQCache method); residual codebooks score through the same
-  top-k (`kernels.quality`); with `rerank` r > 1 a shortlist of r x k is re-scored with the exact keys.
+  top-k (`kernels.quality`); with `rerank` r > 1 a shortlist of r x k is re-scored with the exact keys, each head's
+  exact logits normalised by its PQ-estimated log-partition over all candidates (`kernels.pq_log_partition`).
 - "oracle": exact scores with the real keys (an upper bound for evaluation; reads every key).
 - "streaming": no selection; the budget goes to the local window (StreamingLLM). k is 0 by construction.
 - "snapkv": eviction baseline (SnapKV): the k tokens with the most attention from the prompt's last queries,
@@ -192,10 +193,15 @@ def select(
             q = residual_query(query, centroids.shape[2])
         if rerank == 1:
             return kernels.pq_topk(q, centroids, codes, lo, hi, k, scaling, backend=backend, k_valid=k_valid)
-        # exact re-ranking: a shortlist of rerank x k by the codes, re-scored with the exact keys
+        # exact re-ranking: a shortlist of rerank x k by the codes, re-scored with the exact keys. Each head's exact
+        # logits are normalised by its log-partition over *all* candidates, estimated through the codes (the same
+        # q as the PQ scoring), so the heads keep the weights the group rule gives them; a softmax over the
+        # shortlist alone re-weights them and agreed less with the oracle than the codes alone
+        # (kernels/log_partition.py). Tensor ops only: a compiled decode step stays one graph.
         short = kernels.pq_topk(q, centroids, codes, lo, hi, rerank * k, scaling, backend=backend,
                                 k_valid=None if k_valid is None else k_valid * rerank)
-        return kernels.rerank_topk(query, keys, short, k, scaling, backend=backend, k_valid=k_valid)
+        log_z = kernels.pq_log_partition(q, centroids, codes, lo, hi, scaling, backend=backend)
+        return kernels.rerank_topk(query, keys, short, k, scaling, backend=backend, k_valid=k_valid, log_z=log_z)
     if selection == "oracle":
         return kernels.exact_topk(query, keys, lo, hi, k, scaling, k_valid=k_valid)
     if selection == "quest":

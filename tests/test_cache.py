@@ -107,20 +107,42 @@ def _planted_keys(n, d, m, clusters, noise, gen):
     return torch.cat(parts, -1) + noise * torch.randn(n, d, generator=gen)
 
 
-@pytest.mark.parametrize("g,m", [(1, 2), (4, 2), (8, 4)])
-def test_pq_recall_on_planted_structure(pool, g, m):
+def _planted_overlap(pool, g, m, rerank):
+    """Per KV head, the share of the oracle's top-k that "pq" (with `rerank`) selects on PQ-structured keys."""
     gen = torch.Generator().manual_seed(g * 10 + m)
     b, hkv, d, n = 1, 2, 128, 2000
     keys = torch.stack([_planted_keys(n, d, m, 16, 0.05, gen) for _ in range(hkv)])[None]
-    cfg = PQCacheConfig(token_budget=232, sink_tokens=16, local_tokens=16, min_context=1, bits=6, num_subspaces=m)
+    cfg = PQCacheConfig(token_budget=232, sink_tokens=16, local_tokens=16, min_context=1, bits=6, num_subspaces=m,
+                        rerank=rerank)
     layer = _prefilled(cfg, keys, torch.randn_like(keys), pool)
     q = torch.randn(b, hkv, g, d, generator=gen)
     pq_idx = layer.token_index(q, 0.3 / math.sqrt(d))
     oracle = layer.fork(PQCacheConfig(**{**cfg.__dict__, "selection": "oracle"}))
     or_idx = oracle.token_index(q, 0.3 / math.sqrt(d))
     k = layer.topk
+    out = []
     for h in range(hkv):
         a = set(pq_idx[0, h, 16 : 16 + k].tolist())
         o = set(or_idx[0, h, 16 : 16 + k].tolist())
-        assert len(a & o) / k >= 0.9, (h, len(a & o) / k)
+        out.append(len(a & o) / k)
+    return out
+
+
+# rerank=2 re-scores a 2k shortlist with the exact keys, each head normalised by its PQ-estimated log-partition over
+# all candidates: it should match the oracle nearly exactly (measured 1.0 on every case), above the codes alone
+@pytest.mark.parametrize("rerank,threshold", [(1, 0.9), (2, 0.98)], ids=["codes", "rerank2"])
+@pytest.mark.parametrize("g,m", [(1, 2), (4, 2), (8, 4)])
+def test_pq_recall_on_planted_structure(pool, g, m, rerank, threshold):
+    overlap = _planted_overlap(pool, g, m, rerank)
+    assert min(overlap) >= threshold, overlap
+
+
+def test_planted_recall_catches_shortlist_softmax_reranking(pool, monkeypatch):
+    """The rerank=2 threshold can fail: re-ranking with each head's softmax over the shortlist alone (log_z None,
+    the rule before the PQ log-partition) re-weights the heads and falls below it at G = 4 (measured 0.93,
+    against 0.98 for the codes alone and 1.0 with the log-partition)."""
+    from pqpatch import kernels
+
+    monkeypatch.setattr(kernels, "pq_log_partition", lambda *args, **kwargs: None)
+    assert min(_planted_overlap(pool, 4, 2, 2)) < 0.98
 

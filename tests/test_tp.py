@@ -175,7 +175,7 @@ def test_partial_budget_selections_equal_single_process(tp_results, name):
 def test_offloaded_tp_selects_like_single_process(tp_results, name):
     """offload=True on every rank (each keeps its heads' K/V in its own host store): same rule as resident."""
     r = tp_results[name]
-    problems, first, ties = selection_problems(r["pq_single"], r["offload_tp"])
+    problems, first, ties = selection_problems(r["pq_single_r1"], r["offload_tp"])
     assert not problems, "\n".join(problems[:20])
     if first < r["offload_tp"]["tokens"].shape[1]:
         assert ties and ties[0] < first, f"tokens differ at {first} with no near-tie before it"

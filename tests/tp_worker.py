@@ -121,6 +121,8 @@ def main() -> None:
             single = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
             result["dense_single"] = run(single, ids, mask, None)
             result["pq_single"] = run(single, ids, mask, cfg)
+            # offload never re-ranks (rerank=None resolves to 1 there): its single-process reference does not either
+            result["pq_single_r1"] = run(single, ids, mask, dataclasses.replace(cfg, rerank=1))
             torch.save(result, out_dir / f"{path.name}.pt")
         dist.barrier()
     if rank == 0:

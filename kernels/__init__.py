@@ -26,8 +26,8 @@ import torch
 from pqpatch.kernels import ops as _ops  # noqa: E402
 from . import reference as ref
 
-__all__ = ["pq_topk", "exact_topk", "pq_assign", "sparse_decode_attention", "rerank_topk", "pq_log_partition",
-           "resolve_backend", "last_fallback"]
+__all__ = ["pq_topk", "exact_topk", "pq_assign", "sparse_decode_attention", "rerank_topk", "rerank_attention",
+           "pq_log_partition", "resolve_backend", "last_fallback"]
 
 _BACKENDS = ("auto", "torch", "cpu", "triton")
 _log = logging.getLogger(__name__)
@@ -149,6 +149,21 @@ def rerank_topk(query, keys, shortlist, k: int, scaling: float, *, backend: str 
     """
     return _ops.rerank_topk_op(query, keys, shortlist, int(k), float(scaling), _checked(backend, query.device),
                                k_valid, log_z)
+
+
+def rerank_attention(query, keys, values, shortlist, fixed, k: int, scaling: float, *, backend: str = "auto",
+                     k_valid: torch.Tensor | None = None, log_z: torch.Tensor | None = None):
+    """`rerank_topk` of the shortlist, then exact attention over fixed ∪ the selected tokens, as one op.
+
+    query: [B, Hkv, G, D]; keys/values: [B, Hkv, N, D/Dv]; shortlist, k, k_valid, log_z: as `rerank_topk`; fixed:
+    [B, Hkv, F] integer positions always attended (sink and window), -1 = skip, disjoint from the shortlist.
+    Returns (out [B, Hkv, G, Dv] query.dtype, lse [B, Hkv, G] float32, top [B, Hkv, k] int64; the order of top as
+    `rerank_topk`'s on that backend). On "cpu" the two steps are fused: the selected tokens' exact logits from the
+    re-ranking are reused, so their keys are read once (k fewer key rows per KV head and step than the two ops);
+    "torch" and "triton" call `rerank_topk` then `sparse_decode_attention`.
+    """
+    return _ops.rerank_attention_op(query, keys, values, shortlist, fixed, int(k), float(scaling),
+                                    _checked(backend, query.device), k_valid, log_z)
 
 
 def pq_log_partition(query, centroids, codes, lo, hi, scaling: float, backend: str = "auto") -> torch.Tensor:

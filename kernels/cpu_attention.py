@@ -69,55 +69,80 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * h * n, d)
 
 
+def _gather_logits(qf: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Logits of the listed rows, read chunk by chunk in the given order. qf: [BH, G, D] float32; src: [R, D] rows
+    of the flattened cache; rows: [BH, S] int64 row numbers. Returns [BH, G, S] float32 (unscaled)."""
+    bh, g, d = qf.shape
+    s = rows.shape[1]
+    widen = src.dtype != torch.float32
+    gat = _workspace("gather", bh * chunk * d, src.dtype)
+    wide = _workspace("wide", bh * chunk * d, torch.float32) if widen else None
+    logits = torch.empty(bh, g, s)
+    for c0 in range(0, s, chunk):
+        c1 = min(s, c0 + chunk)
+        m = bh * (c1 - c0)
+        buf = gat[: m * d].view(m, d)
+        torch.index_select(src, 0, rows[:, c0:c1].reshape(m), out=buf)
+        if widen:
+            buf = wide[: m * d].view(m, d).copy_(buf)
+        torch.bmm(qf, buf.view(bh, c1 - c0, d).transpose(1, 2), out=logits[:, :, c0:c1])
+    return logits
+
+
+def _gather_values(p: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, chunk: int) -> torch.Tensor:
+    """sum_s p[:, :, s] * row[s], rows read chunk by chunk. p: [BH, G, S] float32; src: [R, Dv]; rows: [BH, S].
+    Returns [BH, G, Dv] float32."""
+    bh, g, s = p.shape
+    dv = src.shape[1]
+    widen = src.dtype != torch.float32
+    gat = _workspace("gather", bh * chunk * dv, src.dtype)
+    wide = _workspace("wide", bh * chunk * dv, torch.float32) if widen else None
+    out = torch.zeros(bh, g, dv)
+    for c0 in range(0, s, chunk):
+        c1 = min(s, c0 + chunk)
+        m = bh * (c1 - c0)
+        buf = gat[: m * dv].view(m, dv)
+        torch.index_select(src, 0, rows[:, c0:c1].reshape(m), out=buf)
+        if widen:
+            buf = wide[: m * dv].view(m, dv).copy_(buf)
+        out.baddbmm_(p[:, :, c0:c1], buf.view(bh, c1 - c0, dv))
+    return out
+
+
 def sparse_decode_attention_cpu(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor,
-                                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                                scaling: float, known_logits: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of one decode query over the listed tokens, the semantics of the reference.
 
     query: [B, Hkv, G, D]; keys: [B, Hkv, N, D]; values: [B, Hkv, N, Dv] (same dtype as keys); idx: [B, Hkv, S]
     integer, -1 = skip, each position at most once per (b, h). Returns (out [B, Hkv, G, Dv] in query.dtype,
     lse [B, Hkv, G] float32; -inf and a zero output where a row lists no token).
+    known_logits: optional [B, Hkv, G, T] float32, the scaled logits of the last T slots of idx, already computed
+    by the caller (exact re-ranking read those keys): their keys are not read again, only their values. With it,
+    the slots are read in the given order (no sort), since the logits are tied to the slot order.
     """
     _check_inputs(query, keys, values, idx)
     b, h, g, d = query.shape
     n, dv, s = keys.shape[2], values.shape[3], idx.shape[2]
+    t = 0 if known_logits is None else known_logits.shape[-1]
+    if known_logits is not None:
+        _check(tuple(known_logits.shape) == (b, h, g, t) and t <= s,
+               f"known_logits must be [B, Hkv, G, T] with T <= S = {s}, got {tuple(known_logits.shape)}")
     bh = b * h
     if s == 0 or n == 0:
         return query.new_zeros(b, h, g, dv), torch.full((b, h, g), float("-inf"))
     ix = idx.reshape(bh, s).to(torch.int64)
-    if s > 1 and not bool((ix[:, 1:] >= ix[:, :-1]).all()):
+    if t == 0 and s > 1 and not bool((ix[:, 1:] >= ix[:, :-1]).all()):
         ix = ix.sort(dim=-1).values  # ascending rows; the order of slots does not change the result
-    chunk = max(16, min(s, _CHUNK_BYTES // (4 * bh * max(d, dv))))
-    nch = -(-s // chunk)
-    pad = nch * chunk - s
     valid = ix >= 0
-    rows = ix.clamp_min(0) + torch.arange(0, bh * n, n).view(bh, 1)
-    if pad:
-        rows = torch.nn.functional.pad(rows, (0, pad))  # padded slots read row 0 of head 0 and are masked below
-        valid = torch.nn.functional.pad(valid, (0, pad))
-    rows = rows.view(bh, nch, chunk).transpose(0, 1).contiguous()  # [nch, BH, chunk]: each chunk one flat list
-    k_rows, v_rows = _rows(keys), _rows(values)
-    widen = keys.dtype != torch.float32
-    gat = _workspace("gather", bh * chunk * max(d, dv), keys.dtype)
-    wide = _workspace("wide", bh * chunk * max(d, dv), torch.float32) if widen else None
+    rows = ix.clamp_min(0) + torch.arange(0, bh * n, n).view(bh, 1)  # skipped slots read a real row, masked
+    chunk = max(16, min(s, _CHUNK_BYTES // (4 * bh * max(d, dv))))
     qf = query.reshape(bh, g, d).float()
-
-    def fetch(src: torch.Tensor, c: int, dim: int) -> torch.Tensor:
-        """Rows of chunk c: [BH, chunk, dim] float32 (a view of a workspace)."""
-        buf = gat[: bh * chunk * dim].view(bh * chunk, dim)
-        torch.index_select(src, 0, rows[c].view(-1), out=buf)
-        if widen:
-            buf = wide[: bh * chunk * dim].view(bh * chunk, dim).copy_(buf)
-        return buf.view(bh, chunk, dim)
-
-    logits = torch.empty(nch, bh, g, chunk)
-    for c in range(nch):
-        torch.bmm(qf, fetch(k_rows, c, d).transpose(1, 2), out=logits[c])
-    logits = logits.permute(1, 2, 0, 3).reshape(bh, g, nch * chunk).mul_(scaling)
+    logits = _gather_logits(qf, _rows(keys), rows[:, : s - t], chunk).mul_(scaling)
+    if t:
+        logits = torch.cat([logits, known_logits.reshape(bh, g, t).float()], dim=-1)
     logits.masked_fill_(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # [BH, G]
     p = (logits - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]).exp_()
-    p = p.view(bh, g, nch, chunk).permute(2, 0, 1, 3).contiguous()  # [nch, BH, G, chunk]
-    out = torch.zeros(bh, g, dv)
-    for c in range(nch):
-        out.baddbmm_(p[c], fetch(v_rows, c, dv))
+    out = _gather_values(p, _rows(values), rows, chunk)
     return out.to(query.dtype).view(b, h, g, dv), lse.view(b, h, g)

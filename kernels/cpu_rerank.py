@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_attention import _rows, _workspace
+from .cpu_attention import _gather_logits, _rows, sparse_decode_attention_cpu
 from .quality import check_rerank_inputs
 
-__all__ = ["rerank_topk_cpu"]
+__all__ = ["rerank_topk_cpu", "rerank_attention_cpu"]
 
 _CHUNK_BYTES = 1 << 21  # float32 bytes of one gathered chunk (all heads), as in cpu_attention
 
@@ -38,8 +38,17 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _empty(top: torch.Tensor, g: int, keep_logits: bool):
+    """The result of a call that selects nothing: top as is, and all -inf logits when they are asked for."""
+    if not keep_logits:
+        return top
+    b, h, k = top.shape
+    return top, torch.full((b, h, g, k), float("-inf"))
+
+
 def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Tensor, k: int, scaling: float,
-                    k_valid: torch.Tensor | None = None, log_z: torch.Tensor | None = None) -> torch.Tensor:
+                    k_valid: torch.Tensor | None = None, log_z: torch.Tensor | None = None,
+                    keep_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Re-score the shortlist with the exact keys and keep its best min(k, k_valid) entries.
 
     query: [B, Hkv, G, D]; keys: [B, Hkv, N, D] (float32/bfloat16/float16, any strides; one that cannot be viewed
@@ -48,6 +57,8 @@ def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Te
     once per row; k_valid: optional 1-element integer CPU tensor; log_z: optional [B, Hkv, G] float32 per-head
     log-partition over all candidates (the score rule with and without it: `quality.rerank_exact_ref`). Returns
     [B, Hkv, k] int64: the selected positions in ascending order, then -1.
+    keep_logits=True (the fused `rerank_attention_cpu`) also returns the exact scaled logits of each output slot,
+    [B, Hkv, G, k] float32 (-inf for empty slots), so the attention does not read those keys a second time.
     """
     check_rerank_inputs(query, keys, shortlist, k, k_valid, log_z)
     _check(query.device.type == "cpu", f"backend 'cpu' needs CPU tensors, the query is on {query.device}")
@@ -57,7 +68,7 @@ def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Te
     kk = k if k_valid is None else max(0, min(int(k_valid), k))  # a CPU tensor: reading it costs no sync
     out = torch.full((bh, k), -1, dtype=torch.int64)
     if r == 0:
-        return out.view(b, h, k)
+        return _empty(out.view(b, h, k), g, keep_logits)
     # ascending positions with the empty entries last: an empty entry sorts as n (one past the last row)
     ix = shortlist.reshape(bh, r).to(torch.int64)
     top = int(ix.max())
@@ -68,26 +79,14 @@ def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Te
     cnt = int((ix < n).sum(-1).max())  # entries of the fullest row; the columns after them are empty everywhere
     kk = min(kk, cnt)
     if kk == 0:
-        return out.view(b, h, k)
+        return _empty(out.view(b, h, k), g, keep_logits)
     ix = ix[:, :cnt]
     valid = ix < n  # [BH, cnt]
     chunk = max(16, min(cnt, _CHUNK_BYTES // (4 * bh * d)))
     rows = ix.clamp_max(n - 1) + torch.arange(0, bh * n, n).view(bh, 1)  # empty entries read a real row, masked
-    k_rows = _rows(keys)
-    widen = keys.dtype != torch.float32
-    gat = _workspace("gather", bh * chunk * d, keys.dtype)
-    wide = _workspace("wide", bh * chunk * d, torch.float32) if widen else None
-    qf = query.reshape(bh, g, d).float()
-    logits = torch.empty(bh, g, cnt)
-    for c0 in range(0, cnt, chunk):
-        c1 = min(cnt, c0 + chunk)
-        m = bh * (c1 - c0)
-        buf = gat[: m * d].view(m, d)
-        torch.index_select(k_rows, 0, rows[:, c0:c1].reshape(m), out=buf)
-        if widen:
-            buf = wide[: m * d].view(m, d).copy_(buf)
-        torch.bmm(qf, buf.view(bh, c1 - c0, d).transpose(1, 2), out=logits[:, :, c0:c1])
+    logits = _gather_logits(query.reshape(bh, g, d).float(), _rows(keys), rows, chunk)
     logits.mul_(scaling).masked_fill_(~valid[:, None, :], float("-inf"))
+    raw = logits.clone() if keep_logits else None  # the exact logits, before the score arithmetic below
     if log_z is not None:
         # each head's probability under its full-candidate softmax, sum_g exp(l - log_z), scaled by one factor
         # per row: t = l - log_z, minus the row's max of t (no overflow; the ranking is unchanged)
@@ -109,4 +108,30 @@ def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Te
     slot = torch.where(sel, sel.cumsum(-1) - 1, k)  # output slot of each selected entry; k: a spare column
     out = torch.nn.functional.pad(out, (0, 1))
     out.scatter_(1, slot, torch.where(sel, ix, -1))
-    return out[:, :k].contiguous().view(b, h, k)
+    top = out[:, :k].contiguous().view(b, h, k)
+    if not keep_logits:
+        return top
+    # the exact logits of each output slot (-inf for empty slots): [BH, G, k] through the same slot map
+    sel_logits = torch.full((bh, g, k + 1), float("-inf"))
+    sel_logits.scatter_(2, slot[:, None, :].expand(bh, g, cnt), raw)
+    sel_logits[:, :, k:] = float("-inf")
+    return top, sel_logits[:, :, :k].reshape(b, h, g, k)
+
+
+def rerank_attention_cpu(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, shortlist: torch.Tensor,
+                         fixed: torch.Tensor, k: int, scaling: float, k_valid: torch.Tensor | None = None,
+                         log_z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact re-ranking fused with the sparse attention it feeds: the keys of the shortlist are read once, and
+    the selected tokens' logits are reused by the attention, which reads only their values (plus the keys and
+    values of the fixed slots). Saves k key rows per KV head and step over `rerank_topk_cpu` followed by
+    `sparse_decode_attention_cpu`, with the same result.
+
+    query: [B, Hkv, G, D]; keys/values: [B, Hkv, N, D/Dv]; shortlist: [B, Hkv, R] (as `rerank_topk_cpu`);
+    fixed: [B, Hkv, F] positions always attended (sink and window), -1 = skip, disjoint from the shortlist.
+    Returns (out [B, Hkv, G, Dv] in query.dtype, lse [B, Hkv, G] float32, top [B, Hkv, k] int64 ascending, -1
+    after) where out/lse are the attention over fixed ∪ top.
+    """
+    top, sel_logits = rerank_topk_cpu(query, keys, shortlist, k, scaling, k_valid, log_z, keep_logits=True)
+    idx = torch.cat([fixed.to(torch.int64), top], dim=-1)
+    out, lse = sparse_decode_attention_cpu(query, keys, values, idx, scaling, known_logits=sel_logits)
+    return out, lse, top

@@ -26,11 +26,12 @@ from torch import Tensor
 from . import reference as ref
 from . import quality
 from .cpu_attention import sparse_decode_attention_cpu
-from .cpu_rerank import rerank_topk_cpu
+from .cpu_rerank import rerank_attention_cpu, rerank_topk_cpu
 from .cpu_select import pq_topk_cpu
 from .log_partition import check_log_partition_inputs, log_partition_cpu, log_partition_ref
 
-__all__ = ["pq_topk_op", "pq_assign_op", "sparse_decode_attention_op", "rerank_topk_op", "pq_log_partition_op"]
+__all__ = ["pq_topk_op", "pq_assign_op", "sparse_decode_attention_op", "rerank_topk_op", "pq_log_partition_op",
+           "rerank_attention_op"]
 
 
 def _triton():
@@ -138,3 +139,27 @@ def pq_log_partition_op(query: Tensor, centroids: Tensor, codes: Tensor, lo: Ten
 @pq_log_partition_op.register_fake
 def _(query, centroids, codes, lo, hi, scaling, backend):
     return query.new_empty(query.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("pqpatch::rerank_attention", mutates_args=())
+def rerank_attention_op(query: Tensor, keys: Tensor, values: Tensor, shortlist: Tensor, fixed: Tensor, k: int,
+                        scaling: float, backend: str, k_valid: Optional[Tensor] = None,
+                        log_z: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(out [B, Hkv, G, Dv], lse [B, Hkv, G] float32, top [B, Hkv, k] int64): `rerank_topk` of the shortlist, then
+    exact attention over fixed ∪ top. "cpu" fuses the two (`cpu_rerank.rerank_attention_cpu`: the selected keys
+    are read once); "torch" and "triton" run the two ops one after the other."""
+    _check_backend(backend)
+    if backend == "cpu":
+        quality.check_rerank_inputs(query, keys, shortlist, k, k_valid, log_z)
+        return rerank_attention_cpu(query, keys, values, shortlist, fixed, k, scaling, k_valid, log_z)
+    top = rerank_topk_op(query, keys, shortlist, k, scaling, backend, k_valid, log_z)
+    idx = torch.cat([fixed.to(torch.int64), top], dim=-1)
+    out, lse = sparse_decode_attention_op(query, keys, values, idx, scaling, backend)
+    return out, lse, top
+
+
+@rerank_attention_op.register_fake
+def _(query, keys, values, shortlist, fixed, k, scaling, backend, k_valid=None, log_z=None):
+    b, h, g, _ = query.shape
+    return (query.new_empty((b, h, g, values.shape[-1])), query.new_empty((b, h, g), dtype=torch.float32),
+            query.new_empty((b, h, k), dtype=torch.int64))

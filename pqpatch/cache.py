@@ -29,7 +29,7 @@ from transformers.cache_utils import StaticCache, StaticLayer
 from . import kernels
 from .clustering import ClusterPool
 from .config import PQCacheConfig
-from .selection import QuestPages, select
+from .selection import QuestPages, pq_shortlist, select
 
 __all__ = ["PQLayer", "PQCache", "bucket_length"]
 
@@ -324,12 +324,10 @@ class PQLayer(StaticLayer):
         return self.keys.index_select(2, pos)
 
     # ---- decode (static: compiled whole) ---------------------------------------------------------------------
-    def token_index(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Positions attended by a decode query: idx [B, Hkv, sink_slots + topk_slots + local_slots] int64,
-        -1 = empty slot. query: [B, Hkv, G, D]. Sink, top-k and window ranges are disjoint.
-
-        Also codes the token that just left the window (position hi - 1).
-        """
+    def _step_ranges(self, query: torch.Tensor):
+        """The per-step bookkeeping shared by every selection: codes the token that just left the window (position
+        hi - 1) and returns (lo [B], hi_b [B] candidate bounds, sink [B, sink_slots], local [B, local_slots]
+        positions, -1 = empty). Tensor ops only."""
         if self.future is not None:
             self.sync()  # eager callers (manual loops); generate() syncs before the first step
         dev = query.device
@@ -343,29 +341,58 @@ class PQLayer(StaticLayer):
             self.codes.index_copy_(2, p, self._assign(self._keys_at(p)))
         elif self.pages is not None:
             self.pages.update(self.keys, self.start, max(int(hi), 0))
-        top = select(
-            self.cfg.selection, query, lo, hi_b, self.topk_slots, scaling, keys=self.keys, centroids=self.centroids,
-            codes=self.codes, pages=self.pages, fixed=self.snap_idx, backend=self.cfg.backend, rerank=self.cfg.rerank_factor,
-            k_valid=self.split_n[2:],
-        )  # [B, Hkv, k_slots]: the best topk_n of them, the rest -1
         j = torch.arange(self.sink_slots, device=dev)
         sink = self.start[:, None] + j  # [B, sink_slots]
         sink = torch.where((j < sink_n) & (sink < torch.minimum(hi, n)), sink, -1)
         j = torch.arange(self.local_slots, device=dev)
         local = n - self.local_slots + j  # [local_slots]
         local = torch.where((j >= self.local_slots - local_n) & (local >= self.start[:, None]), local, -1)
+        return lo, hi_b, sink, local
+
+    def token_index(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Positions attended by a decode query: idx [B, Hkv, sink_slots + topk_slots + local_slots] int64,
+        -1 = empty slot. query: [B, Hkv, G, D]. Sink, top-k and window ranges are disjoint.
+
+        Also codes the token that just left the window (position hi - 1).
+        """
+        lo, hi_b, sink, local = self._step_ranges(query)
+        top = select(
+            self.cfg.selection, query, lo, hi_b, self.topk_slots, scaling, keys=self.keys, centroids=self.centroids,
+            codes=self.codes, pages=self.pages, fixed=self.snap_idx, backend=self.cfg.backend,
+            rerank=self.cfg.rerank_factor, k_valid=self.split_n[2:],
+        )  # [B, Hkv, k_slots]: the best topk_n of them, the rest -1
         bh = top.shape[:2]
         return torch.cat([sink[:, None].expand(*bh, -1), top, local[:, None].expand(*bh, -1)], dim=-1)
+
+    def _rerank_decode(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """A "pq" step with exact re-ranking, through the fused `kernels.rerank_attention` (on CPU the selected
+        keys are read once, by the re-ranking). q: [B, Hkv, G, D]. Returns (out [B, Hkv, G, Dv], idx as
+        `token_index`)."""
+        lo, hi_b, sink, local = self._step_ranges(q)
+        bh = q.shape[:2]
+        k_valid = self.split_n[2:]
+        short, log_z = pq_shortlist(q, lo, hi_b, self.topk_slots, scaling, self.centroids, self.codes,
+                                    self.cfg.rerank_factor, self.cfg.backend, k_valid)
+        sink, local = sink[:, None].expand(*bh, -1), local[:, None].expand(*bh, -1)
+        out, _, top = kernels.rerank_attention(q, self.keys, self.values, short, torch.cat([sink, local], -1),
+                                               self.topk_slots, scaling, backend=self.cfg.backend, k_valid=k_valid,
+                                               log_z=log_z)
+        return out, torch.cat([sink, top, local], dim=-1)
 
     def decode(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """One decode step's attention. query: [B, H, 1, D] -> output [B, 1, H, Dv] (the HF layout)."""
         b, hq, _, d = query.shape
         hkv = self.keys.shape[1]
         q = query.reshape(b, hkv, hq // hkv, d)  # query head j uses KV head j // G (repeat_kv's layout)
-        idx = self.token_index(q, scaling)
+        if self.cfg.selection == "pq" and self.cfg.rerank_factor > 1 and self.topk_slots > 0:
+            out, idx = self._rerank_decode(q, scaling)
+        else:
+            idx = self.token_index(q, scaling)
+            out = None
         for obs in self.observers:
             obs(self, q, idx, scaling)
-        out, _ = kernels.sparse_decode_attention(q, self.keys, self.values, idx, scaling, backend=self.cfg.backend)
+        if out is None:
+            out, _ = kernels.sparse_decode_attention(q, self.keys, self.values, idx, scaling, backend=self.cfg.backend)
         return out.reshape(b, hq, -1)[:, None]
 
 

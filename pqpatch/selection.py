@@ -25,7 +25,7 @@ from . import kernels
 from .kernels.quality import is_residual, residual_query
 from .kernels.reference import group_softmax_scores
 
-__all__ = ["QuestPages", "select", "observation_attention", "kmeans_weights", "snapkv_indices"]
+__all__ = ["QuestPages", "select", "pq_shortlist", "observation_attention", "kmeans_weights", "snapkv_indices"]
 
 
 @torch.no_grad()  # a statistic of the prefill, never part of a gradient
@@ -161,6 +161,22 @@ class QuestPages:
         return tok
 
 
+def pq_shortlist(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int, scaling: float,
+                 centroids: torch.Tensor, codes: torch.Tensor, rerank: int, backend: str = "auto",
+                 k_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PQ shortlist of exact re-ranking and the per-head normaliser it is re-scored with.
+
+    query: [B, Hkv, G, D]; lo, hi: [B]; centroids, codes: the layer's codebook (PQ or residual). Returns
+    (shortlist [B, Hkv, rerank * k] int64 positions, -1 = empty; log_z [B, Hkv, G] float32, each head's
+    log-partition over all candidates through the codes, the same q as the PQ scoring)."""
+    q = query
+    if is_residual(query.shape[-1], centroids):
+        q = residual_query(query, centroids.shape[2])
+    short = kernels.pq_topk(q, centroids, codes, lo, hi, rerank * k, scaling, backend=backend,
+                            k_valid=None if k_valid is None else k_valid * rerank)
+    return short, kernels.pq_log_partition(q, centroids, codes, lo, hi, scaling, backend=backend)
+
+
 def select(
     selection: str,
     query: torch.Tensor,
@@ -198,9 +214,7 @@ def select(
         # q as the PQ scoring), so the heads keep the weights the group rule gives them; a softmax over the
         # shortlist alone re-weights them and agreed less with the oracle than the codes alone
         # (kernels/log_partition.py). Tensor ops only: a compiled decode step stays one graph.
-        short = kernels.pq_topk(q, centroids, codes, lo, hi, rerank * k, scaling, backend=backend,
-                                k_valid=None if k_valid is None else k_valid * rerank)
-        log_z = kernels.pq_log_partition(q, centroids, codes, lo, hi, scaling, backend=backend)
+        short, log_z = pq_shortlist(query, lo, hi, k, scaling, centroids, codes, rerank, backend, k_valid)
         return kernels.rerank_topk(query, keys, short, k, scaling, backend=backend, k_valid=k_valid, log_z=log_z)
     if selection == "oracle":
         return kernels.exact_topk(query, keys, lo, hi, k, scaling, k_valid=k_valid)

@@ -40,7 +40,11 @@ def _decode_step(q, c, codes, keys, values, lo, hi, kv, backend="torch"):
     top_sl = kernels.rerank_topk(q, keys, short, 24, 0.125, backend=backend, k_valid=kv)
     out, lse = kernels.sparse_decode_attention(q, keys, values, idx, 0.125, backend=backend)
     new_codes = kernels.pq_assign(keys[:, :, -1:], c, backend=backend)
-    return idx.sort(-1).values, log_z, top.sort(-1).values, top_sl.sort(-1).values, out, lse, new_codes
+    fixed = torch.arange(4, device=q.device).expand(*q.shape[:2], 4).contiguous()  # sink-like positions 0..3
+    f_out, f_lse, f_top = kernels.rerank_attention(q, keys, values, short.masked_fill(short < 4, -1), fixed, 24,
+                                                   0.125, backend=backend, k_valid=kv, log_z=log_z)
+    return (idx.sort(-1).values, log_z, top.sort(-1).values, top_sl.sort(-1).values, out, lse, new_codes, f_out,
+            f_lse, f_top.sort(-1).values)
 
 
 def _assert_same(a, b):
@@ -86,6 +90,9 @@ def test_opcheck_reference_and_cpu_backends(backend):
     for kv in (None, x["kv"]):
         for lz in (None, log_z):
             torch.library.opcheck(ops.rerank_topk.default, (x["q"], x["keys"], idx, 12, 0.125, backend, kv, lz))
+            fixed = torch.full_like(idx[..., :3], -1)
+            torch.library.opcheck(ops.rerank_attention.default,
+                                  (x["q"], x["keys"], x["values"], idx, fixed, 12, 0.125, backend, kv, lz))
 
 
 def test_unknown_backend_is_rejected():

@@ -4,6 +4,11 @@ The main thread hands over a layer's prefill keys with `submit`; the copy to hos
 asynchronously (pinned buffer + CUDA event on GPUs) so the main thread never waits for it. The pool threads
 spend their time in faiss or torch kernels, both of which release the GIL.
 
+One layer's job is split by KV heads over the pool's threads (`_Joined` joins the parts): nothing later in the
+prefill hides the last layers' jobs, and the first decode step waits for them, so they should use every clustering
+thread. k-means problems are seeded by global head, so the split does not change faiss's codebooks (the torch
+fallback's weighted sampling draws per call, so its codebooks depend on the split, i.e. on `num_threads`).
+
 Abandoned jobs: a generate() that ends before its first decode step never collects its codebooks. Its caller
 hands those futures to `cancel`: queued jobs are dropped, running ones stop at the next (head, sub-space)
 problem boundary, and an exception from any of them is logged (nobody will call `.result()` to see it).
@@ -72,6 +77,26 @@ def default_num_threads() -> int:
     except ValueError:
         local = 1
     return max(1, min(4, cpus // local))
+
+
+class _Joined(Future):
+    """The Future of one layer's job, resolved when all its per-head-range parts are done (`ClusterPool.submit`).
+    It behaves like one pool job: running once a part runs; `cancel()` succeeds only while no part has started
+    (then every part is dropped), otherwise it asks the running parts to stop at their next problem boundary
+    and the future ends with `ClusteringStopped` (or the error a part raised)."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        super().__init__()
+        self.stop = stop
+        self.parts: list[Future] = []
+
+    def cancel(self) -> bool:
+        if self.done():
+            return self.cancelled()
+        self.stop.set()
+        for f in self.parts:
+            f.cancel()
+        return self.cancelled()  # the last part's callback cancels this future when no part had started
 
 
 class ClusterPool:
@@ -145,27 +170,39 @@ class ClusterPool:
             for buf in mine:
                 self.staging.give(buf)
 
-        def job() -> Codebook:
-            try:
-                return train()
-            finally:
-                give_back()  # before the future completes: whoever sees the result finds the buffers free
+        hkv = host.shape[1]
+        parts = max(1, min(self.num_threads, hkv))
+        bounds = [(hkv * i // parts, hkv * (i + 1) // parts) for i in range(parts)]
 
-        def train() -> Codebook:
+        def train(h0: int, h1: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            with self._lock:
+                if not outer.running() and not outer.done():
+                    outer.set_running_or_notify_cancel()
+            return train_heads(h0, h1)
+
+        def train_heads(h0: int, h1: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            """k-means of KV heads [h0, h1) of every sequence: [(centroids [h1-h0, m, K, Ds], codes [h1-h0, n_b,
+            m])] per sequence. Problems are seeded by global head (head_offset + h), so any split of the heads
+            gives the same codebooks as one job (faiss; the torch fallback draws weighted samples per call)."""
             if ready is not None:
                 ready.synchronize()
             if wready is not None:
                 wready.synchronize()
-            rows = [host[b, :, lo[b] : max(hi, lo[b])] for b in range(host.shape[0])]  # [Hkv, n_b, D] each
             books = []
-            for b, x in enumerate(rows):
+            for b in range(host.shape[0]):
                 if stop.is_set():
                     raise ClusteringStopped()
-                train = train_rq if quantizer == "residual" else train_pq
-                books.append(train(x, num_subspaces, bits, iters, seed, use_faiss,
-                                   where=f"{where}, sequence {b}", should_stop=stop.is_set,
-                                   head_offset=head_offset,
-                                   **({} if wts is None else {"weights": wts[b, :, lo[b] : max(hi, lo[b])]})))
+                x = host[b, h0:h1, lo[b] : max(hi, lo[b])]
+                trainer = train_rq if quantizer == "residual" else train_pq
+                extra = {} if wts is None else {"weights": wts[b, h0:h1, lo[b] : max(hi, lo[b])]}
+                books.append(trainer(x, num_subspaces, bits, iters, seed, use_faiss, where=f"{where}, sequence {b}",
+                                     should_stop=stop.is_set, head_offset=head_offset + h0, **extra))
+            return books
+
+        def combine(results: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> Codebook:
+            rows = [host[b, :, lo[b] : max(hi, lo[b])] for b in range(host.shape[0])]  # [Hkv, n_b, D] each
+            books = [(torch.cat([r[b][0] for r in results]), torch.cat([r[b][1] for r in results]))
+                     for b in range(len(rows))]
             # A heavily left-padded sequence may have fewer training keys than centroids (none at all, even):
             # its codebook would be nearly flat. Borrow the codebook of the sequence with the most keys (same
             # layer and heads, so the same key distribution) and code its own keys with it.
@@ -178,13 +215,39 @@ class ClusterPool:
             return Codebook(torch.stack([c for c, _ in books]), [q for _, q in books],
                             "faiss" if use_faiss else "torch")
 
+        # The layer's heads are split over the pool's threads: the last layers' jobs, which nothing later in the
+        # prefill hides, then finish num_threads times sooner (the first decode step waits for them).
+        outer = _Joined(stop)
+        remaining = [len(bounds)]  # parts not yet done; part_done is attached only after every part is submitted
         with self._lock:
-            fut = self._pool.submit(job)
-            self._stops[fut] = stop
-        fut.add_done_callback(self._forget)
-        if leases:  # a job cancelled before it ran never reaches its `finally`
-            fut.add_done_callback(lambda f: give_back() if f.cancelled() else None)
-        return fut
+            futs = [self._pool.submit(train, h0, h1) for h0, h1 in bounds]
+            self._stops[outer] = stop  # the job as the pool's callers see it (cancel, drain, shutdown)
+        outer.parts = futs
+        outer.add_done_callback(self._forget)
+
+        def part_done(_: Future) -> None:
+            with self._lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if not last:
+                return
+            give_back()  # every part is done: none reads the snapshots any more
+            if all(f.cancelled() for f in futs):  # dropped before any part ran: the job is cancelled
+                Future.cancel(outer)
+                return
+            try:
+                results = []
+                for f in futs:
+                    if f.cancelled():
+                        raise ClusteringStopped()
+                    results.append(f.result())
+                outer.set_result(combine(results))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever collects the future
+                outer.set_exception(exc)
+
+        for f in futs:
+            f.add_done_callback(part_done)
+        return outer
 
     def _snapshot(self, src, dtype: torch.dtype, leases: list) -> tuple[torch.Tensor, torch.cuda.Event]:
         """Start an asynchronous copy of CUDA tensor `src` into a leased page-locked buffer (as `dtype`).

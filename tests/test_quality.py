@@ -128,8 +128,8 @@ def test_prefill_records_observation_and_trains_weighted(monkeypatch):
     got = []
     real = cl.train_pq
 
-    def spy(*a, **kw):
-        got.append(kw.get("weights"))
+    def spy(*a, **kw):  # the pool may split a layer's heads over its threads: one call per head range
+        got.append((kw.get("head_offset", 0), kw.get("weights")))
         return real(*a, **kw)
 
     monkeypatch.setattr(cl, "train_pq", spy)
@@ -154,11 +154,12 @@ def test_prefill_records_observation_and_trains_weighted(monkeypatch):
         if weighted:
             assert layer.obs_attn is not None and layer.obs_attn.shape == (1, 2, 200)
             lo, hi = 4, 200 - layer.local
-            assert got and got[0] is not None
-            torch.testing.assert_close(got[0], kmeans_weights(layer.obs_attn)[0, :, lo:hi])
+            assert got and all(w is not None for _, w in got)
+            weights = torch.cat([w for _, w in sorted(got, key=lambda t: t[0])])  # [Hkv, n] in head order
+            torch.testing.assert_close(weights, kmeans_weights(layer.obs_attn)[0, :, lo:hi])
         else:
             # recorded anyway (a weighted or "snapkv" fork needs it), but not used
-            assert layer.obs_attn is not None and got and got[0] is None
+            assert layer.obs_attn is not None and got and all(w is None for _, w in got)
 
 
 def test_weighted_kmeans_config_is_validated():

@@ -110,7 +110,8 @@ def _generate_times(n: int, rounds: int) -> dict[str, float]:
             t0 = time.perf_counter()
             # static cache on both sides: the same cache kind, so the prefill does the same work
             model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
-                           cache_implementation="static")
+                           cache_implementation="static", disable_compile=True)  # eager on both sides (CUDA
+            # would otherwise auto-compile the static-cache decode, and the compile time would be timed)
             _sync()
             dt = time.perf_counter() - t0
             if patched:

@@ -20,7 +20,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG0
             if r["kind"] == "counter":
                 tr.write_line(f"{r['name']:<48} {r['verdict']}")
             else:
-                tr.write_line(f"{r['name']:<22} N={r['n']:>6}  dense {r['dense_ms']:9.1f} ms  pqpatch {r['pq_ms']:9.1f} "
+                tr.write_line(f"{r['name']:<40} N={r['n']:>6}  dense {r['dense_ms']:9.1f} ms  pqpatch {r['pq_ms']:9.1f} "
                               f"ms  {r['verdict']}")
     if not step_rows:
         return

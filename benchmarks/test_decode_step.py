@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from bench_util import ROWS, THRESHOLDS, Timer, device_kind, gate, interleaved_min, settings
 from pqpatch import kernels
+from pqpatch.config import DEFAULT_RERANK
 
 HKV, G, D, M = 8, 4, 128, 2
 SET = settings()
@@ -53,7 +54,9 @@ def make_case(n: int, bits: int, dtype: torch.dtype, seed: int = 0) -> dict:
     # the gather floor: the selected rows (ascending) copied out with index_select, no arithmetic
     rows = (idx.sort(-1).values.clamp_min(0) + torch.arange(HKV, device=DEV).view(1, HKV, 1) * n).view(-1)
     k_buf, v_buf = keys.new_empty(rows.numel(), D), values.new_empty(rows.numel(), D)
-    no_fixed = torch.full((1, HKV, 0), -1, dtype=torch.int64, device=DEV)  # kernel level: no sink or window
+    k_top = k // 2  # the default budget split: half window, half top-k (sink_tokens aside)
+    window = torch.arange(n - (k - k_top), n, device=DEV).expand(1, HKV, -1).contiguous()  # [1, Hkv, k - k_top]
+    hi_c = torch.full((1,), n - (k - k_top), dtype=torch.int64, device=DEV)  # the candidates end at the window
     fns = dict(
         dense=lambda: F.scaled_dot_product_attention(q_sdpa, keys, values, scale=scaling, enable_gqa=True),
         topk=lambda: kernels.pq_topk(q, cent, codes, lo, hi, k, scaling, backend=backend),
@@ -61,12 +64,14 @@ def make_case(n: int, bits: int, dtype: torch.dtype, seed: int = 0) -> dict:
         step=lambda: kernels.sparse_decode_attention(
             q, keys, values, kernels.pq_topk(q, cent, codes, lo, hi, k, scaling, backend=backend), scaling,
             backend=backend),
-        # the default step (rerank=None resolves to 2 on resident caches): a 2k shortlist by the codes, the
-        # per-head log-partition, and exact re-ranking fused with the attention (what PQLayer._rerank_decode runs)
+        # the default step (rerank=None resolves to DEFAULT_RERANK on resident caches): an r x k shortlist by the
+        # codes, the per-head log-partition, and exact re-ranking fused with the attention (PQLayer._rerank_decode)
+        # with the default composition: k attended = a window of k/2 recent tokens + a top-k of k/2 among the rest
         step_rerank=lambda: kernels.rerank_attention(
-            q, keys, values, kernels.pq_topk(q, cent, codes, lo, hi, 2 * k, scaling, backend=backend), no_fixed, k,
-            scaling, backend=backend, log_z=kernels.pq_log_partition(q, cent, codes, lo, hi, scaling,
-                                                                     backend=backend)),
+            q, keys, values, kernels.pq_topk(q, cent, codes, lo, hi_c, DEFAULT_RERANK * k_top, scaling,
+                                             backend=backend),
+            window, k_top, scaling, backend=backend,
+            log_z=kernels.pq_log_partition(q, cent, codes, lo, hi_c, scaling, backend=backend)),
         floor=lambda: (keys[:, :, :k].view(as_int).amax(), values[:, :, :k].view(as_int).amax()),
         gather=lambda: (torch.index_select(keys.view(-1, D), 0, rows, out=k_buf),
                         torch.index_select(values.view(-1, D), 0, rows, out=v_buf)),

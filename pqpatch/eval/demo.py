@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..patch import head_dim_of
 
 __all__ = ["DemoPlan", "prepare_demo", "run_demo", "kv_memory"]
@@ -78,7 +79,8 @@ def kv_memory(model, cache) -> dict[str, int]:
     dense_global: K+V of every token in the global-attention (PQ) layers; sliding: K+V of the sliding-window
     layers (the same with or without the patch); pq_codes / pq_centroids: the PQ index of the global layers;
     pq_attended: K+V of the tokens one decode step attends to in the global layers (sink + top-k + window);
-    pq_rerank: keys one step reads to re-rank its shortlist (rerank x top-k per KV head; 0 without re-ranking).
+    pq_rerank: keys one step reads to re-rank its shortlist beyond the attended ones (rerank x top-k per KV head;
+    (rerank - 1) x top-k on the CPU backend, whose fused path reuses the top-k's keys; 0 without re-ranking).
     """
     text = model.config.get_text_config(decoder=True)
     d = head_dim_of(model.config)
@@ -100,8 +102,12 @@ def kv_memory(model, cache) -> dict[str, int]:
             out["pq_codes"] += layer.codes.numel() * layer.codes.element_size()
             out["pq_centroids"] += layer.centroids.numel() * layer.centroids.element_size()
         out["pq_attended"] += (layer.sink + layer.topk + layer.local) * per_tok
-        if layer.cfg.selection == "pq" and layer.cfg.rerank_factor > 1:
-            out["pq_rerank"] += layer.cfg.rerank_factor * layer.topk * hkv * d * elem  # exact keys of the shortlist
+        r = layer.cfg.rerank_factor
+        if layer.cfg.selection == "pq" and r > 1:
+            # exact keys of the shortlist; the CPU path (kernels.rerank_attention) reuses the top-k's keys for the
+            # attention, so only (r - 1) x top-k of them are reads the attended K/V does not already count
+            fused = kernels.resolve_backend(layer.cfg.backend, layer.keys.device) == "cpu"
+            out["pq_rerank"] += (r - 1 if fused else r) * layer.topk * hkv * d * elem
     return out
 
 

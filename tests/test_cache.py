@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
+from pqpatch.kernels.quality import rq_assign_ref
 from pqpatch.kernels.reference import pq_assign_ref
 from pqpatch import PQCacheConfig
 from pqpatch.cache import PQLayer
 from pqpatch.clustering import ClusterPool
+from pqpatch.config import QUANTIZERS
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +80,18 @@ def test_oracle_equals_brute_force(pool, b, hkv, g, d, p, start):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
-def test_evicted_tokens_get_codes_and_can_be_selected(pool):
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_evicted_tokens_get_codes_and_can_be_selected(pool, quantizer):
     torch.manual_seed(0)
     b, hkv, d, p, new = 1, 2, 64, 300, 30
-    cfg = PQCacheConfig(token_budget=40, sink_tokens=4, local_tokens=8, min_context=1, bits=5)
+    cfg = PQCacheConfig(token_budget=40, sink_tokens=4, local_tokens=8, min_context=1, bits=5, quantizer=quantizer)
     layer = _prefilled(cfg, torch.randn(b, hkv, p, d), torch.randn(b, hkv, p, d), pool, max_len=p + new)
     for _ in range(new):
         layer.update(torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d))
         layer.decode(torch.randn(b, hkv, 1, d), d**-0.5)
     hi = layer.length - layer.local
-    want = pq_assign_ref(layer.keys[:, :, p - layer.local : hi], layer.centroids)
+    assign_ref = rq_assign_ref if quantizer == "residual" else pq_assign_ref
+    want = assign_ref(layer.keys[:, :, p - layer.local : hi], layer.centroids)
     assert torch.equal(layer.codes[:, :, p - layer.local : hi], want)  # every token that left the window
     assert not layer.codes[:, :, hi:].any()  # and no other
     # a query pointing at a token generated during decoding (now evicted) must select it
@@ -113,7 +117,7 @@ def _planted_overlap(pool, g, m, rerank):
     b, hkv, d, n = 1, 2, 128, 2000
     keys = torch.stack([_planted_keys(n, d, m, 16, 0.05, gen) for _ in range(hkv)])[None]
     cfg = PQCacheConfig(token_budget=232, sink_tokens=16, local_tokens=16, min_context=1, bits=6, num_subspaces=m,
-                        rerank=rerank)
+                        rerank=rerank, quantizer="pq")  # the keys are planted for PQ's sub-spaces
     layer = _prefilled(cfg, keys, torch.randn_like(keys), pool)
     q = torch.randn(b, hkv, g, d, generator=gen)
     pq_idx = layer.token_index(q, 0.3 / math.sqrt(d))

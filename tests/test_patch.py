@@ -9,6 +9,7 @@ from conftest import live_tensor_count, tiny_model
 
 import pqpatch
 from pqpatch.cache import PQLayer
+from pqpatch.kernels.quality import rq_assign_ref
 from pqpatch.kernels.reference import pq_assign_ref
 
 PROMPT, NEW = 48, 12
@@ -34,16 +35,18 @@ def _assert_sparse_path_ran(model):
         assert layer.active and layer.topk > 0
         # tokens that left the window during decoding got their nearest-centroid codes: the top-k path really ran
         a, b = PROMPT - layer.local, PROMPT + NEW - 1 - layer.local
-        want = pq_assign_ref(layer.keys[:, :, a:b], layer.centroids)
+        assign_ref = rq_assign_ref if layer.cfg.quantizer == "residual" else pq_assign_ref
+        want = assign_ref(layer.keys[:, :, a:b], layer.centroids)
         assert torch.equal(layer.codes[:, :, a:b], want) and bool(want.any())
         assert not layer.codes[:, :, b:].any()  # and nothing beyond them
 
 
-def test_full_budget_equals_dense(arch):
+@pytest.mark.parametrize("quantizer", pqpatch.config.QUANTIZERS)
+def test_full_budget_equals_dense(arch, quantizer):
     model = tiny_model(arch)
     ids = torch.randint(1, 96, (1, PROMPT))
     ref = _gen(model, ids)
-    pqpatch.patch_model(model, _full())
+    pqpatch.patch_model(model, _full(quantizer=quantizer))
     out = _gen(model, ids)
     _assert_sparse_path_ran(model)
     assert torch.equal(out.sequences, ref.sequences)
@@ -204,22 +207,24 @@ def test_triton_backend_full_budget_equals_dense(arch_name):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_prefill_does_not_wait_for_kmeans(monkeypatch):
+@pytest.mark.parametrize("quantizer", pqpatch.config.QUANTIZERS)
+def test_prefill_does_not_wait_for_kmeans(monkeypatch, quantizer):
     """Clustering runs in the pool: the prefill returns while k-means is still blocked; decode waits for it."""
     import pqpatch.clustering as clustering
     from pqpatch.cache import PQCache
 
+    trainer = "train_rq" if quantizer == "residual" else "train_pq"  # the one the pool calls for this quantizer
     release, started = threading.Event(), threading.Event()
-    real = clustering.train_pq
+    real = getattr(clustering, trainer)
 
     def gated(*a, **k):
         started.set()
         assert release.wait(timeout=30), "the test never released k-means"
         return real(*a, **k)
 
-    monkeypatch.setattr(clustering, "train_pq", gated)
+    monkeypatch.setattr(clustering, trainer, gated)
     model = tiny_model("llama")
-    pqpatch.patch_model(model, _full())
+    pqpatch.patch_model(model, _full(quantizer=quantizer))
     cache = PQCache(model, PROMPT + 4)
     kw = model._pqpatch.cache_kwarg
     with torch.no_grad():

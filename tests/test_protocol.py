@@ -211,22 +211,24 @@ def test_stats_follow_a_call_with_the_callers_cache():
     assert st is not first and st.steps == 2 * 29
 
 
-def test_calls_that_end_before_decoding_leave_no_queued_kmeans(monkeypatch):
+@pytest.mark.parametrize("quantizer", pqpatch.config.QUANTIZERS)
+def test_calls_that_end_before_decoding_leave_no_queued_kmeans(monkeypatch, quantizer):
     """max_new_tokens=1 ends before the first decode step: its k-means jobs must be dropped, not left queued for the
     next call to wait behind (three 1-token calls turned a 6 s call into 20 s)."""
     import pqpatch.clustering as clustering
 
+    trainer = "train_rq" if quantizer == "residual" else "train_pq"  # the one the pool calls for this quantizer
     gate, ran = threading.Event(), []
-    real = clustering.train_pq
+    real = getattr(clustering, trainer)
 
     def gated(*a, **k):
         ran.append(1)
         assert gate.wait(timeout=30)
         return real(*a, **k)
 
-    monkeypatch.setattr(clustering, "train_pq", gated)
+    monkeypatch.setattr(clustering, trainer, gated)
     model = tiny_model("llama")
-    pqpatch.patch_model(model, _full(num_threads=1))
+    pqpatch.patch_model(model, _full(num_threads=1, quantizer=quantizer))
     for _ in range(3):  # 2 layers x 3 calls = 6 jobs; the first blocks the single pool thread
         model.generate(torch.randint(1, 96, (1, PROMPT)), max_new_tokens=1, do_sample=False, pad_token_id=0)
     gate.set()

@@ -120,25 +120,27 @@ def test_observation_attention_matches_brute_force(with_mask):
     assert torch.allclose(weights, 1 + n * got) and (weights >= 1).all()
 
 
-def test_prefill_records_observation_and_trains_weighted(monkeypatch):
+@pytest.mark.parametrize("quantizer", pqpatch.config.QUANTIZERS)
+def test_prefill_records_observation_and_trains_weighted(monkeypatch, quantizer):
     """End to end on a tiny model: the prefill stores each PQ layer's observation attention, and the k-means
     job gets weights 1 + N x that attention over its training rows (and none with weighted_kmeans=False)."""
     import pqpatch.clustering as cl
 
+    trainer = "train_rq" if quantizer == "residual" else "train_pq"  # the one the pool calls for this quantizer
     got = []
-    real = cl.train_pq
+    real = getattr(cl, trainer)
 
     def spy(*a, **kw):  # the pool may split a layer's heads over its threads: one call per head range
         got.append((kw.get("head_offset", 0), kw.get("weights")))
         return real(*a, **kw)
 
-    monkeypatch.setattr(cl, "train_pq", spy)
+    monkeypatch.setattr(cl, trainer, spy)
     model = tiny_model("llama", layers=1)
     ids = torch.randint(1, 96, (1, 200))
     for weighted in (True, False):
         got.clear()
         cfg = PQCacheConfig(token_budget=0.3, min_context=64, sink_tokens=4, bits=4, weighted_kmeans=weighted,
-                            observation_window=16)
+                            observation_window=16, quantizer=quantizer)
         pqpatch.patch_model(model, cfg)
         try:
             from pqpatch.cache import PQCache

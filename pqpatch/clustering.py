@@ -4,9 +4,12 @@ The main thread hands over a layer's prefill keys with `submit`; the copy to hos
 asynchronously (pinned buffer + CUDA event on GPUs) so the main thread never waits for it. The pool threads
 spend their time in faiss or torch kernels, both of which release the GIL.
 
-One layer's job is split by KV heads over the pool's threads (`_Joined` joins the parts): nothing later in the
-prefill hides the last layers' jobs, and the first decode step waits for them, so they should use every clustering
-thread. k-means problems are seeded by global head, so the split does not change faiss's codebooks (the torch
+On CUDA a layer's job is split by KV heads over the pool's threads (`_Joined` joins the parts): nothing later in
+the prefill hides the last layers' jobs, and the first decode step waits for them, so they should use every
+clustering thread while the host is otherwise idle. For CPU keys the job is not split (`split_heads` None): the
+prefill computes on the same cores, so no core is idle for the parts; on the 2-core CPU the split made no measurable
+difference (benchmarks/test_model_step.py at 2K: time to first / second token 1.10-1.14x / 1.26-1.32x dense split,
+1.11x / 1.31x unsplit). Set `pool.split_heads = True` to force it (tests do). k-means problems are seeded by global head, so the split does not change faiss's codebooks (the torch
 fallback's weighted sampling draws per call, so its codebooks depend on the split, i.e. on `num_threads`).
 
 Abandoned jobs: a generate() that ends before its first decode step never collects its codebooks. Its caller
@@ -110,6 +113,8 @@ class ClusterPool:
         n = num_threads or default_num_threads()
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="pqpatch-kmeans")
         self.num_threads = n
+        # split a layer's job by KV heads over the threads: None = only for CUDA keys (module docstring)
+        self.split_heads: bool | None = None
         # stop flag of every job not yet finished; the lock guards the dict (submit, cancel and the pool
         # threads' done-callbacks touch it)
         self._stops: dict[Future, threading.Event] = {}
@@ -171,7 +176,8 @@ class ClusterPool:
                 self.staging.give(buf)
 
         hkv = host.shape[1]
-        parts = max(1, min(self.num_threads, hkv))
+        split = self.split_heads if self.split_heads is not None else keys.device.type == "cuda"
+        parts = max(1, min(self.num_threads, hkv)) if split else 1
         bounds = [(hkv * i // parts, hkv * (i + 1) // parts) for i in range(parts)]
 
         def train(h0: int, h1: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

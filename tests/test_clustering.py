@@ -119,3 +119,38 @@ def test_pool_survives_deepcopy_and_pickle(monkeypatch):
         clone.shutdown()
     pool.cancel([pending])
     pool.shutdown()
+
+
+@pytest.mark.skipif(not faiss_available(), reason="no faiss")
+def test_split_job_gives_one_jobs_codebook():
+    """split_heads=True runs a layer's heads as parts on several threads: faiss seeds each problem by its global
+    head, so the joined codebook equals the unsplit job's exactly (the default splits only CUDA keys)."""
+    keys, weights = torch.randn(2, 4, 600, 32), torch.rand(2, 4, 600) + 1
+    books = []
+    for split in (False, True):
+        pool = ClusterPool(2)
+        pool.split_heads = split
+        books.append(pool.submit(keys, [0, 40], 600, 2, 4, 3, 0, weights=weights).result(60))
+        pool.shutdown()
+    assert torch.equal(books[0].centroids, books[1].centroids)
+    assert all(torch.equal(a, b) for a, b in zip(books[0].codes, books[1].codes))
+
+
+def test_split_job_cancels_and_drains_as_one(monkeypatch):
+    """A split job behaves like one job: running parts stop (ClusteringStopped), queued ones never run, drain
+    waits for the joined future, and a job whose parts all queued is cancelled outright."""
+    started = threading.Event()
+    monkeypatch.setattr(clustering, "train_pq", _slow_train(80, 0.05, started))
+    pool = ClusterPool(2)
+    pool.split_heads = True
+    running = _submit(pool, torch.randn(1, 4, 64, 32))  # two parts: both threads busy
+    queued = _submit(pool, torch.randn(1, 4, 64, 32))
+    assert started.wait(10)
+    pool.cancel([running, queued])
+    assert queued.cancelled()
+    with pytest.raises(ClusteringStopped):
+        running.result(timeout=30)
+    monkeypatch.setattr(clustering, "train_pq", _slow_train(1, 0.0))
+    done = _submit(pool, torch.randn(1, 4, 64, 32))
+    assert pool.drain(timeout=30) and done.done() and done.result().centroids.shape[1] == 4
+    pool.shutdown()

@@ -69,43 +69,40 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * h * n, d)
 
 
-def _gather_logits(qf: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Logits of the listed rows, read chunk by chunk in the given order. qf: [BH, G, D] float32; src: [R, D] rows
-    of the flattened cache; rows: [BH, S] int64 row numbers. Returns [BH, G, S] float32 (unscaled)."""
-    bh, g, d = qf.shape
-    s = rows.shape[1]
+def _chunks(src: torch.Tensor, rows: torch.Tensor, chunk: int):
+    """Yield (c0, c1, rows c0..c1 of every head as float32 [BH, c1 - c0, dim]), read chunk by chunk in the given
+    order into a per-thread workspace (the view is overwritten by the next chunk). src: [R, dim] rows of the
+    flattened cache; rows: [BH, S] int64 row numbers."""
+    bh, s = rows.shape
+    dim = src.shape[1]
     widen = src.dtype != torch.float32
-    gat = _workspace("gather", bh * chunk * d, src.dtype)
-    wide = _workspace("wide", bh * chunk * d, torch.float32) if widen else None
-    logits = torch.empty(bh, g, s)
+    gat = _workspace("gather", bh * chunk * dim, src.dtype)
+    wide = _workspace("wide", bh * chunk * dim, torch.float32) if widen else None
     for c0 in range(0, s, chunk):
         c1 = min(s, c0 + chunk)
         m = bh * (c1 - c0)
-        buf = gat[: m * d].view(m, d)
+        buf = gat[: m * dim].view(m, dim)
         torch.index_select(src, 0, rows[:, c0:c1].reshape(m), out=buf)
         if widen:
-            buf = wide[: m * d].view(m, d).copy_(buf)
-        torch.bmm(qf, buf.view(bh, c1 - c0, d).transpose(1, 2), out=logits[:, :, c0:c1])
+            buf = wide[: m * dim].view(m, dim).copy_(buf)
+        yield c0, c1, buf.view(bh, c1 - c0, dim)
+
+
+def _gather_logits(qf: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Logits of the listed rows, read chunk by chunk in the given order. qf: [BH, G, D] float32; src: [R, D] rows
+    of the flattened cache; rows: [BH, S] int64 row numbers. Returns [BH, G, S] float32 (unscaled)."""
+    logits = torch.empty(qf.shape[0], qf.shape[1], rows.shape[1])
+    for c0, c1, k in _chunks(src, rows, chunk):
+        torch.bmm(qf, k.transpose(1, 2), out=logits[:, :, c0:c1])
     return logits
 
 
 def _gather_values(p: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, chunk: int) -> torch.Tensor:
     """sum_s p[:, :, s] * row[s], rows read chunk by chunk. p: [BH, G, S] float32; src: [R, Dv]; rows: [BH, S].
     Returns [BH, G, Dv] float32."""
-    bh, g, s = p.shape
-    dv = src.shape[1]
-    widen = src.dtype != torch.float32
-    gat = _workspace("gather", bh * chunk * dv, src.dtype)
-    wide = _workspace("wide", bh * chunk * dv, torch.float32) if widen else None
-    out = torch.zeros(bh, g, dv)
-    for c0 in range(0, s, chunk):
-        c1 = min(s, c0 + chunk)
-        m = bh * (c1 - c0)
-        buf = gat[: m * dv].view(m, dv)
-        torch.index_select(src, 0, rows[:, c0:c1].reshape(m), out=buf)
-        if widen:
-            buf = wide[: m * dv].view(m, dv).copy_(buf)
-        out.baddbmm_(p[:, :, c0:c1], buf.view(bh, c1 - c0, dv))
+    out = torch.zeros(p.shape[0], p.shape[1], src.shape[1])
+    for c0, c1, v in _chunks(src, rows, chunk):
+        out.baddbmm_(p[:, :, c0:c1], v)
     return out
 
 

@@ -2,9 +2,9 @@
 the same step (`kernels.pq_topk` of the rerank=2 shortlist, 2k = N/5 tokens at k = N/10) and the reference, at the
 Llama-3-8B layer shape: B = 1, Hkv = 8, G = 4, D = 128, m = 2 sub-spaces of 256 centroids, every token a candidate.
 
-CPU (default): one thread (`torch.set_num_threads(1)`), float32, the "cpu" paths, timed in interleaved rounds (the
-order alternates), each op's time its minimum over the rounds. CUDA: the Triton paths, median of
-triton.testing.do_bench. The last column is the log-partition's time as a share of the top-k's.
+CPU (default): one thread (`torch.set_num_threads(1)`), float32, the "cpu" paths, timed in interleaved rounds
+(`bench_util.interleaved_min`), each op's time its minimum over the rounds. CUDA: the Triton paths, timed by
+`bench_util.Timer` (CUDA events). The last column is the log-partition's time as a share of the top-k's.
 
     python benchmarks/bench_log_partition.py [--n 32768 131072] [--rounds 9]
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_util import Timer, interleaved_min  # noqa: E402
 from pqpatch import kernels  # noqa: E402
 from pqpatch.kernels.log_partition import log_partition_ref  # noqa: E402
 
@@ -59,17 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             "topk": lambda: kernels.pq_topk(q, c, codes, lo, hi, n // 5, s, backend=fast),
         }
         torch.testing.assert_close(ops["logz"](), ops["ref"](), rtol=1e-5, atol=1e-4)
-        if cuda:
-            import triton.testing as tt
-
-            best = {name: tt.do_bench(fn, warmup=10, rep=50, return_mode="median") for name, fn in ops.items()}
-        else:
-            best = {name: float("inf") for name in ops}
-            for rnd in range(args.rounds):
-                for name in (list(ops) if rnd % 2 == 0 else list(ops)[::-1]):
-                    t0 = time.perf_counter()
-                    ops[name]()
-                    best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+        best = {name: t * 1e3 for name, t in interleaved_min(ops, args.rounds, Timer(cuda)).items()}  # ms
         print(f"{n:>7} {best['logz']:>17.3f} {best['ref']:>13.2f} {best['topk']:>16.2f} "
               f"{best['logz'] / best['topk']:>6.1%}")
 

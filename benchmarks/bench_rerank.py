@@ -3,8 +3,9 @@ layer shape: B = 1, Hkv = 8, G = 4, D = 128, k = N/10 tokens kept from a shortli
 shortlist in ascending position order as the PQ top-k emits it on CPU.
 
 CPU (default): one thread (`torch.set_num_threads(1)`), the reference vs the "cpu" fast path, timed in interleaved
-rounds (the order alternates), each op's time its minimum over the rounds. CUDA: the reference vs the Triton path,
-median of triton.testing.do_bench. Also prints the bytes of keys the step reads (R rows per KV head).
+rounds (`bench_util.interleaved_min`), each op's time its minimum over the rounds. CUDA: the reference vs the
+Triton path, CUDA events over a captured graph (`bench_util.Timer`). Also prints the bytes of keys the step reads
+(R rows per KV head).
 
     python benchmarks/bench_rerank.py [--n 32768 131072] [--dtype float32] [--rounds 7]
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_util import Timer, interleaved_min  # noqa: E402
 from pqpatch import kernels  # noqa: E402
 from pqpatch.kernels.quality import rerank_exact_ref  # noqa: E402
 
@@ -62,17 +63,7 @@ def main() -> None:
         }
         got, want = ops["fast"](), ops["ref"]()
         assert got.shape == want.shape and int((got == -1).sum()) == int((want == -1).sum())
-        if cuda:
-            import triton.testing as tt
-
-            best = {name: tt.do_bench(fn, warmup=10, rep=50, return_mode="median") for name, fn in ops.items()}
-        else:
-            best = {name: float("inf") for name in ops}
-            for rnd in range(args.rounds):
-                for name in (list(ops) if rnd % 2 == 0 else list(ops)[::-1]):
-                    t0 = time.perf_counter()
-                    ops[name]()
-                    best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+        best = {name: t * 1e3 for name, t in interleaved_min(ops, args.rounds, Timer(cuda)).items()}  # ms
         mb = HKV * 2 * k * D * keys.element_size() / 1e6
         print(f"{n:>7} {2 * k:>6} {mb:>7.1f} {best['ref']:>13.2f} {best['fast']:>10.2f} "
               f"{best['ref'] / best['fast']:>7.1f}x")

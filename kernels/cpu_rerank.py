@@ -131,6 +131,10 @@ def rerank_attention_cpu(query: torch.Tensor, keys: torch.Tensor, values: torch.
     Returns (out [B, Hkv, G, Dv] in query.dtype, lse [B, Hkv, G] float32, top [B, Hkv, k] int64 ascending, -1
     after) where out/lse are the attention over fixed ∪ top.
     """
+    _check(isinstance(fixed, torch.Tensor) and fixed.dim() == 3 and tuple(fixed.shape[:2]) == tuple(query.shape[:2])
+           and not fixed.is_floating_point() and fixed.dtype != torch.bool,
+           f"fixed must be an integer [B, Hkv, F] tensor matching the query's [B, Hkv] = {tuple(query.shape[:2])}, got "
+           f"{getattr(fixed, 'dtype', type(fixed))} {tuple(getattr(fixed, 'shape', ()))}")
     top, sel_logits = rerank_topk_cpu(query, keys, shortlist, k, scaling, k_valid, log_z, keep_logits=True)
     idx = torch.cat([fixed.to(torch.int64), top], dim=-1)
     out, lse = sparse_decode_attention_cpu(query, keys, values, idx, scaling, known_logits=sel_logits)

@@ -149,8 +149,7 @@ def rerank_attention_op(query: Tensor, keys: Tensor, values: Tensor, shortlist: 
     exact attention over fixed ∪ top. "cpu" fuses the two (`cpu_rerank.rerank_attention_cpu`: the selected keys
     are read once); "torch" and "triton" run the two ops one after the other."""
     _check_backend(backend)
-    if backend == "cpu":
-        quality.check_rerank_inputs(query, keys, shortlist, k, k_valid, log_z)
+    if backend == "cpu":  # checks its inputs (rerank_topk_cpu's checks, plus `fixed`)
         return rerank_attention_cpu(query, keys, values, shortlist, fixed, k, scaling, k_valid, log_z)
     top = rerank_topk_op(query, keys, shortlist, k, scaling, backend, k_valid, log_z)
     idx = torch.cat([fixed.to(torch.int64), top], dim=-1)

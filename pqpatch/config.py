@@ -13,7 +13,8 @@ SEED_MAX = 2**31 - 1  # faiss takes the k-means seed as a C int
 # rerank=None on a resident cache: re-rank a shortlist of 2 x top-k with the exact keys. On Gemma-3-270M (budget
 # 0.1, 3 documents x 64 teacher-forced tokens, docs/results.md) r = 1 / 2 / 3 / 4 gave recall of the oracle's
 # attention mass 0.80 / 0.90 / 0.94 / 0.96; on the CPU a decode step of the attention-bound benchmark model at 32K
-# costs ~1.5x (r = 2) and ~2.4x (r = 4) of r = 1 (the shortlist's scattered key rows): r = 2 is the balance
+# costs ~1.3x (r = 2) and ~1.7x (r = 4) of r = 1 (the shortlist's scattered key rows; benchmarks/test_model_step.py
+# with PQPATCH_BENCH_RERANK=4): r = 2 is the balance
 DEFAULT_RERANK = 2
 
 

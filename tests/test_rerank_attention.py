@@ -105,3 +105,12 @@ def test_known_logits_are_checked():
     idx = torch.arange(10).expand(1, 2, 10)
     with pytest.raises(ValueError, match="known_logits"):
         cpu_attention.sparse_decode_attention_cpu(q, kv, kv, idx, 0.1, known_logits=torch.zeros(1, 2, 3, 4))
+
+
+def test_fixed_slots_are_checked():
+    q = torch.randn(1, 2, 4, 64)
+    kv = torch.randn(1, 2, 50, 64)
+    short = torch.arange(10, 20).expand(1, 2, 10)
+    for bad in (torch.zeros(1, 3, 4, dtype=torch.long), torch.zeros(1, 2, 4), torch.zeros(2, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match="fixed"):
+            kernels.rerank_attention(q, kv, kv, short, bad, 5, 0.1, backend="cpu")

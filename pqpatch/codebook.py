@@ -123,23 +123,27 @@ def _assign(x: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
 
 def kmeans_torch(
     x: torch.Tensor, k: int, iters: int, seed: int, should_stop: Callable[[], bool] | None = None,
-    *, weights: torch.Tensor | None = None,
+    *, weights: torch.Tensor | None = None, init_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched Lloyd k-means. x: [P, n, Ds] float32 -> (centroids [P, K, Ds], codes [P, n] uint8).
 
     All problems advance together, so `should_stop` (raises `ClusteringStopped` when it returns True) is
     checked between iterations. weights: [P, n] > 0 per-point weights (None: all 1); a centroid is the
-    weighted mean of its points, i.e. the objective is sum_i w_i |x_i - c(x_i)|^2."""
+    weighted mean of its points, i.e. the objective is sum_i w_i |x_i - c(x_i)|^2.
+    init_weights: [P, n] >= 0, the distribution the K starting points are drawn from (None: `weights`, or a
+    uniform sample when both are None)."""
     x = x.float()
     p, n, ds = x.shape
     if n <= k:
         return _degenerate(x, k)
     g = torch.Generator().manual_seed(seed)
-    if weights is None:
+    if init_weights is None:
+        init_weights = weights
+    if init_weights is None:
         init = torch.randperm(n, generator=g)[:k]
         cent = x[:, init].clone()  # [P, K, Ds]
     else:  # seed the centroids where the weight is (a uniform sample would rarely start on a few heavy points)
-        init = torch.multinomial(weights.float(), k, replacement=False, generator=g)  # [P, K]
+        init = torch.multinomial(init_weights.float(), k, replacement=False, generator=g)  # [P, K]
         cent = torch.gather(x, 1, init[..., None].expand(p, k, ds)).clone()
     for _ in range(iters):
         if should_stop is not None and should_stop():
@@ -155,13 +159,13 @@ def kmeans_torch(
 
 def kmeans_faiss(
     x: torch.Tensor, k: int, iters: int, seed: int, should_stop: Callable[[], bool] | None = None,
-    *, first_problem: int = 0, weights: torch.Tensor | None = None,
+    *, first_problem: int = 0, weights: torch.Tensor | None = None, init_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """faiss.Kmeans per problem (faiss releases the GIL, so pool threads run in parallel). Same contract;
     `should_stop` is checked before each problem. Problem i is seeded with seed + first_problem + i:
     `first_problem` is the global index of x[0] when x holds only some heads (a tensor-parallel rank), so a head
     gets the same codebook whichever rank clusters it. weights: [P, n] per-point weights (faiss's weighted
-    k-means; None: unweighted)."""
+    k-means; None: unweighted). init_weights: as `kmeans_torch` (None: `weights`, or faiss's own sample)."""
     import faiss
 
     x = x.float()
@@ -171,6 +175,8 @@ def kmeans_faiss(
     cent = torch.empty(p, k, ds)
     codes = torch.empty(p, n, dtype=torch.uint8)
     xn = x.numpy()
+    if init_weights is None:
+        init_weights = weights
     for i in range(p):
         if should_stop is not None and should_stop():
             raise ClusteringStopped()
@@ -178,13 +184,14 @@ def kmeans_faiss(
         # faiss takes the seed as a C int: wrap seed + i (seed <= 2**31 - 1, PQCacheConfig checks it)
         km = faiss.Kmeans(ds, k, niter=iters, seed=(seed + first_problem + i) % 2**31, verbose=False,
                           min_points_per_centroid=1)
-        if weights is None:
+        if init_weights is None:
             km.train(pts)
-        else:  # weighted Lloyd, started from centroids sampled by weight (as kmeans_torch does): faiss's uniform
-            # sample would rarely start on the few keys that carry most of the weight
-            wi = np.ascontiguousarray(weights[i].numpy(), "float32")
+        else:  # (weighted) Lloyd, started from centroids sampled by `init_weights` (as kmeans_torch does): faiss's
+            # uniform sample would rarely start on the few keys that carry most of the weight
+            pi = init_weights[i].double().numpy()
             rng = np.random.default_rng((seed + first_problem + i) % 2**31)
-            init = rng.choice(n, size=k, replace=False, p=wi / wi.sum())
+            init = rng.choice(n, size=k, replace=False, p=pi / pi.sum())
+            wi = None if weights is None else np.ascontiguousarray(weights[i].numpy(), "float32")
             km.train(pts, weights=wi, init_centroids=np.ascontiguousarray(pts[init]))
         _, a = km.index.search(pts, 1)
         cent[i] = torch.from_numpy(km.centroids)
@@ -248,6 +255,24 @@ def _checked_weights(weights: torch.Tensor | None, h: int, n: int) -> torch.Tens
     return weights.float().contiguous()
 
 
+def _residual_init_weights(r: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Where a later residual stage draws its starting points: weight x squared residual. r: [P, n, D] float32,
+    w: [P, n] or None -> [P, n] float64 > 0, each row summing to 1.
+
+    Why not by weight alone: the heavy keys are the ones the previous stage coded best (weighted k-means pulls a
+    centroid onto each), so their residual is ~0. Starting points drawn there are near-duplicates of 0 that
+    float rounding tells apart, and Lloyd then ends O(1) apart on keys equal up to rounding (tensor-parallel
+    ranks would stop selecting like one process). Drawing by w |r|^2 (one k-means++ step) starts where the error
+    to correct is. The floor (1e-9 of the mean) keeps k points drawable when fewer than k residuals are non-zero,
+    and sits far above float32 rounding's ~1e-13 relative |r|^2, so rounding-level residuals all look alike.
+    """
+    e = (r.double() ** 2).sum(-1)  # [P, n]
+    if w is not None:
+        e = e * w.double()
+    e = e + 1e-9 * e.mean(-1, keepdim=True) + 1e-300
+    return e / e.sum(-1, keepdim=True)  # normalised here: float32 (torch.multinomial) keeps the floor
+
+
 def train_rq(
     keys: torch.Tensor, stages: int, bits: int, iters: int, seed: int, use_faiss: bool | None = None,
     *, where: str = "", should_stop: Callable[[], bool] | None = None, head_offset: int = 0,
@@ -271,15 +296,18 @@ def train_rq(
         use_faiss = default_use_faiss()
     cents, codes = [], []
     r = x
+    init = None  # stage 0 starts as `train_pq` does (by weight, or uniformly)
     for s in range(stages):
         stage_seed = (seed + 7919 * s) % 2**31  # a different start per stage; deterministic per config
         if use_faiss:
-            c, a = kmeans_faiss(r, k, iters, stage_seed, should_stop, first_problem=head_offset, weights=w)
+            c, a = kmeans_faiss(r, k, iters, stage_seed, should_stop, first_problem=head_offset, weights=w,
+                                init_weights=init)
         else:
-            c, a = kmeans_torch(r, k, iters, stage_seed, should_stop, weights=w)
+            c, a = kmeans_torch(r, k, iters, stage_seed, should_stop, weights=w, init_weights=init)
         cents.append(c)
         codes.append(a)
         r = r - torch.gather(c, 1, a.long()[..., None].expand(h, n, d))  # the residual the next stage codes
+        init = _residual_init_weights(r, w)
     cent = torch.stack(cents, 1)  # [Hkv, S, K, D]
     if scale is not None:
         cent = cent * scale[:, None]

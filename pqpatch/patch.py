@@ -151,9 +151,9 @@ def patch_model(model: torch.nn.Module, config: PQCacheConfig | None = None) -> 
     if not mods:
         raise ValueError(f"no attention modules found in {type(model).__name__}")
     head_dim = head_dim_of(mconf)
-    if head_dim % config.num_subspaces:
+    if config.quantizer == "pq" and head_dim % config.num_subspaces:  # residual stages each span the head dim
         raise ValueError(
-            f"num_subspaces={config.num_subspaces} must divide the model's head dim {head_dim}; "
+            f"num_subspaces={config.num_subspaces} must divide the model's head dim {head_dim} (quantizer='pq'); "
             f"choose one of {[d for d in (1, 2, 4, 8, 16) if head_dim % d == 0]}"
         )
     pq_layers = _full_attention_layers(text)

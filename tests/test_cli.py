@@ -176,7 +176,9 @@ BAD_ARGS = [  # (argv, words the error line must contain); TINY stands for the t
     (["eval", "passkey", "--model", "{tmp}/model.gguf"], "no such file"),
     (["eval", "passkey", "--model", "{tmp}"], "not a transformers checkpoint"),  # a folder, but not a model
     (["eval", "passkey", "--model", "{tmp}/notes.txt"], "not a model"),
-    (["eval", "passkey", "--model", "TINY", "--num-subspaces", "3"], "does not divide the model's head dim 16"),
+    (["eval", "passkey", "--model", "TINY", "--num-subspaces", "3", "--set", "quantizer=pq"],
+     "does not divide the model's head dim 16"),
+    (["eval", "passkey", "--model", "TINY", "--num-subspaces", "5"], "use quantizer='pq'"),  # 5 residual stages
     (["eval", "passkey", "--decode-threads", "-1"], "--decode-threads"),
     (["eval", "kl", "--teacher-tokens", "0"], "--teacher-tokens"),
     (["eval", "kl", "--model", "TINY", "--lengths", "300,2k", "--teacher-tokens", "299"], "teacher_tokens=299"),
@@ -192,7 +194,7 @@ BAD_ARGS = [  # (argv, words the error line must contain); TINY stands for the t
     (["demo", "--decode-threads", "-1"], "--decode-threads"),
     (["demo", "--budget", "inf"], "--budget"),
     (["demo", "--model", "{tmp}/no-such-model"], "no such file"),
-    (["demo", "--model", "TINY", "--num-subspaces", "3"], "does not divide the model's head dim 16"),
+    (["demo", "--model", "TINY", "--num-subspaces", "5"], "use quantizer='pq'"),
     (["demo", "--model", "TINY", "--length", "20"], "too short"),
 ]
 
@@ -214,7 +216,7 @@ def test_bad_argument_is_one_line_and_exit_2(argv, words, tiny_dir, tmp_path, mo
 def test_usage_errors_leave_no_results(tiny_dir, tmp_path, capsys):
     """A rejected run writes nothing but the (empty) output folder."""
     out = tmp_path / "res"
-    assert _exit_status(["eval", "passkey", "--model", str(tiny_dir), "--num-subspaces", "3", "--out", str(out)]) == 2
+    assert _exit_status(["eval", "passkey", "--model", str(tiny_dir), "--num-subspaces", "5", "--out", str(out)]) == 2
     assert out.is_dir() and not any(out.iterdir())
 
 

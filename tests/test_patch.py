@@ -143,7 +143,10 @@ def test_double_patch_and_bad_models_raise():
     with pytest.raises(ValueError, match="gpt2.*supported.*llama"):
         pqpatch.patch_model(gpt2)
     with pytest.raises(ValueError, match="num_subspaces=3 must divide"):
-        pqpatch.patch_model(tiny_model("qwen3"), pqpatch.PQCacheConfig(num_subspaces=3))
+        pqpatch.patch_model(tiny_model("qwen3"), pqpatch.PQCacheConfig(num_subspaces=3, quantizer="pq"))
+    residual3 = tiny_model("qwen3")  # residual stages each span the head dim: 3 of them need not divide it
+    pqpatch.patch_model(residual3, pqpatch.PQCacheConfig(num_subspaces=3, quantizer="residual"))
+    pqpatch.unpatch_model(residual3)
     with pytest.raises(ValueError, match="PQCacheConfig"):
         pqpatch.patch_model(tiny_model("qwen3"), {"token_budget": 0.1})
 

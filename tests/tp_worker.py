@@ -108,9 +108,9 @@ def main() -> None:
     out_dir, paths = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
     rank = int(os.environ["RANK"])
     torch.manual_seed(0)
-    # the partial-budget runs pin quantizer="pq": residual's weighted second stage does not reproduce under the
-    # rounding differences of TP (test_tp.py::test_weighted_residual_codebook_is_stable_under_rounding, xfail)
-    cfg = pqpatch.PQCacheConfig(token_budget=BUDGET, sink_tokens=8, quantizer="pq")
+    # the library's quantizer (residual): its codebooks must reproduce under TP's rounding differences
+    # (test_tp.py::test_residual_codebook_is_stable_under_rounding)
+    cfg = pqpatch.PQCacheConfig(token_budget=BUDGET, sink_tokens=8)
     full = pqpatch.PQCacheConfig(token_budget=1.0, sink_tokens=8)  # the default quantizer
     for path in paths:
         tp = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32).eval()

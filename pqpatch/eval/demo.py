@@ -137,8 +137,9 @@ def prepare_demo(
     sample = passkey_sample(HFCodec(tokenizer), length, depth, seed=seed)
     hd = head_dim_of(model.config)
     cfg = pqpatch.PQCacheConfig(token_budget=budget, **config_fields)  # the library defaults unless overridden
-    config_fields = {"num_subspaces": cfg.num_subspaces, "bits": cfg.bits, **config_fields}  # printed
-    if hd % cfg.num_subspaces:
+    config_fields = {"quantizer": cfg.quantizer, "num_subspaces": cfg.num_subspaces, "bits": cfg.bits,
+                     **config_fields}  # printed
+    if cfg.quantizer == "pq" and hd % cfg.num_subspaces:
         raise ValueError(f"num_subspaces={cfg.num_subspaces} does not divide the model's head dim {hd}")
     return DemoPlan(model, tokenizer, sample, cfg, config_fields, budget, depth)
 

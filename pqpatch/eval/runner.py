@@ -133,8 +133,9 @@ def preflight(model: torch.nn.Module, codec: Codec, settings: EvalSettings) -> N
     from ..patch import head_dim_of
 
     m = settings.base.get("num_subspaces", PQCacheConfig.num_subspaces)
+    quantizer = settings.base.get("quantizer", PQCacheConfig.quantizer)
     hd = head_dim_of(model.config)
-    if hd % m:
+    if quantizer == "pq" and hd % m:  # residual stages each span the whole head dim
         divisors = [x for x in range(1, hd + 1) if hd % x == 0]
         raise ValueError(
             f"num_subspaces={m} does not divide the model's head dim {hd}; choose one of {divisors} "

@@ -202,8 +202,8 @@ def pq_shortlist(query, centroids, codes, lo, hi, k: int, scaling: float, backen
     top-k's per-head (max, sum) partials are merged into log_z (one extra one-program-per-row launch instead of the
     log-partition's LUT and statistics passes); equal to the two "triton" ops with the same geometry. "torch": the two
     references. CPU, one thread, float32, Llama-3-8B layer (Hkv = 8, G = 4, D = 128, m = 2, b = 8), k = 2 N / 10
-    at N = 32K: 6.5-6.8 ms against 7.8-8.3 ms for the two ops (0.80-0.83x; at 128K 0.87x), the log-partition
-    now ~0.5 ms on top of the top-k (`benchmarks/bench_log_partition.py`).
+    at N = 32K: 6.5-6.9 ms against 7.8-8.5 ms for the two ops (0.80-0.83x; at 128K 0.84-0.87x), the
+    log-partition now ~0.5 ms on top of the top-k (`benchmarks/bench_log_partition.py`, shared 2-core machine).
     """
     return _ops.pq_shortlist_op(query, centroids, codes, lo, hi, int(k), float(scaling),
                                 _checked(backend, query.device), k_valid)

@@ -6,9 +6,11 @@ Why it is fast (m = 2 sub-spaces, b bits, K = 2**b centroids, n candidate tokens
   * Two one-byte codes of a token read as one uint16 are its joint code j = c0 + 256 * c1: no arithmetic per token.
   * A token's softmax weight for head g factorises over the sub-spaces,
         exp(s * (lut0[g, c0] + lut1[g, c1]) - M) = e0[g, c0] * e1[g, c1],
-    so with the histogram C[c1, c0] of joint codes (one bincount) the softmax denominators are a bilinear form
-    Z[g] = e1[g] . C . e0[g] and the group score of every *code* is one rank-G matmul, S = e1^T diag(1/Z) e0.
-    Nothing per token is exponentiated; a token's score is S[j].
+    so with the histogram C[c1, c0] of joint codes (`joint_codes`: one index_add_) the softmax denominators are a
+    bilinear form Z[g] = e1[g] . C . e0[g] and the group score of every *code* is one rank-G matmul,
+    S = e1^T diag(1/Z) e0.
+    Nothing per token is exponentiated; a token's score is S[j]. The same histogram gives the log-partition
+    (`log_partition.log_partition_cpu`); `cpu_shortlist.pq_shortlist_cpu` builds it once for both.
   * Top-k by a threshold: over a token list, the k-th largest score from `torch.topk`'s values (the code table is
     built in float32 there, float64 only when a denominator or the threshold nears float32's underflow); over the
     code table (fewer codes than tokens), a radix select on the scores' float bits (non-negative floats order like
@@ -27,7 +29,9 @@ import sys
 
 import torch
 
-__all__ = ["pq_topk_cpu", "radix_threshold"]
+from .cpu_attention import _workspace
+
+__all__ = ["pq_topk_cpu", "pq_lut", "JointCodes", "joint_codes", "radix_threshold"]
 
 # (shift, width) of the three digits of a non-negative int32 key, most significant first
 _DIGITS = ((20, 11), (9, 11), (0, 9))
@@ -83,10 +87,7 @@ def pq_topk_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tenso
     out = torch.full((b, h, k), -1, dtype=torch.int64)
     if k == 0 or n == 0:
         return out
-    # lookup table [B, Hkv, m, G, K]: scaled inner products of each query sub-vector with every centroid
-    q = query.float().reshape(b * h, g, m, ds).transpose(1, 2).reshape(b * h * m, g, ds)
-    c = centroids.float().reshape(b * h * m, kc, ds)
-    lut = torch.bmm(q, c.transpose(1, 2)).mul_(scaling).view(b, h, m, g, kc)
+    lut = pq_lut(query, centroids, scaling)
     for bi, (a, e) in enumerate(zip(lo.tolist(), hi.tolist())):
         a, e = max(0, int(a)), min(n, int(e))
         if e <= a:
@@ -99,36 +100,41 @@ def pq_topk_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tenso
     return out
 
 
-def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int) -> torch.Tensor:
-    """lut: [Hkv, m, G, K] float32; codes: [Hkv, n, m] uint8; 0 < kk < n. Returns [Hkv, kk] int64 (0-based)."""
+def uses_code_table(m: int, kc: int, g: int, n: int) -> bool:
+    """Whether `_select` scores n tokens through the code table (m <= 2 and the table, ~256 * K entries for m = 2,
+    costs less than per-token scoring, ~G * n gathers), and so builds the joint-code histogram."""
+    return m <= 2 and (256 * kc if m == 2 else kc) <= 2 * g * n
+
+
+def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | None = None) -> torch.Tensor:
+    """lut: [Hkv, m, G, K] float32; codes: [Hkv, n, m] uint8; 0 < kk < n. Returns [Hkv, kk] int64 (0-based).
+    hist: the codes' `joint_codes`, when the caller already built it (`cpu_shortlist`); None builds it here if the
+    code table is used."""
     h, m, g, kc = lut.shape
     n = codes.shape[1]
-    # the code table costs ~ its 256 * K (m = 2) entries, per-token scoring ~ G * n gathers: pick the cheaper
-    table_entries = 256 * kc if m == 2 else kc
-    use_table = m <= 2 and table_entries <= 2 * g * n
+    use_table = uses_code_table(m, kc, g, n)
+    if use_table and hist is None:
+        hist = joint_codes(codes, kc)
     if use_table and (256 if m == 2 else 1) * kc >= n:  # more codes than tokens: rank tokens by a float32 table
-        found = _code_scores(lut, codes)
+        found = _code_scores(lut, codes, hist=hist)
         if found is not None:
-            table, _, joint, width = found
-            padded = torch.nn.functional.pad(table, (0, width - table.shape[2])).view(-1)
-            pos = _select_tokens(padded.index_select(0, joint).view(h, n), kk, min_thr=_LOW32)
+            table, _, joint, _ = found
+            pos = _select_tokens(hist.spread(table).index_select(0, joint).view(h, n), kk, min_thr=_LOW32)
             if pos is not None:
                 return pos
         # a denominator or the threshold fell where float32 underflows: the float64 table below
-    found = _code_scores(lut, codes, wide=True) if use_table else None
+    found = _code_scores(lut, codes, wide=True, hist=hist) if use_table else None
     if found is None:
         return _select_tokens(_token_scores(lut, codes), kk)
-    table, counts, joint, width = found  # [Hkv, R, K] float32 / float64, [Hkv * n] int32, row stride of joint
+    table, counts, joint, _ = found  # [Hkv, R, K] float32 / float64 scores and counts, [Hkv * n] int32
     if table[0].numel() >= n:
-        padded = torch.nn.functional.pad(table, (0, width - table.shape[2])).view(-1)
-        return _select_tokens(padded.index_select(0, joint).view(h, n), kk)
+        return _select_tokens(hist.spread(table).index_select(0, joint).view(h, n), kk)
     # fewer codes than tokens: search the code table, weighted by code counts
     tab_keys = table.view(torch.int32)
     thr, need = radix_threshold(tab_keys.reshape(h, -1), counts.reshape(h, -1), kk)
-    # class of every code (2 above, 1 at the threshold, 0 below), padded to the joint code's row stride
+    # class of every code (2 above, 1 at the threshold, 0 below), laid out like the joint codes' bins
     cls = (tab_keys > thr[:, None, None]).to(torch.int8) * 2 + (tab_keys == thr[:, None, None])
-    cls = torch.nn.functional.pad(cls, (0, width - cls.shape[2])).view(-1)
-    cls = cls.index_select(0, joint).view(h, n)  # one byte per token
+    cls = hist.spread(cls).index_select(0, joint).view(h, n)  # one byte per token
     above, tie = cls == 2, cls == 1
     # ties at the threshold: the first `need` of them in position order
     tie &= tie.cumsum(-1, dtype=torch.int32) <= need[:, None]
@@ -163,35 +169,89 @@ def _select_tokens(scores: torch.Tensor, kk: int, min_thr: float | None = None) 
     return pos.view(h, kk)
 
 
-def _joint_codes(codes: torch.Tensor, stride: int) -> torch.Tensor:
-    """codes: [Hkv, n, m] uint8, m <= 2. Returns [Hkv * n] int32: c0 + 256 * c1 (+ head * stride)."""
+def pq_lut(query: torch.Tensor, centroids: torch.Tensor, scaling: float) -> torch.Tensor:
+    """[B, Hkv, m, G, K] float32 lookup table: scaled inner products of each query sub-vector with every centroid.
+    query: [B, Hkv, G, D]; centroids: [B, Hkv, m, K, Ds]. One function for `pq_topk_cpu`, `log_partition_cpu` and
+    `pq_shortlist_cpu`, so the fused op reads the very table the separate ops compute (same bits)."""
+    b, h, g, _ = query.shape
+    m, kc, ds = centroids.shape[2:]
+    q = query.float().reshape(b * h, g, m, ds).transpose(1, 2).reshape(b * h * m, g, ds)
+    c = centroids.float().reshape(b * h * m, kc, ds)
+    return torch.bmm(q, c.transpose(1, 2)).mul_(scaling).view(b, h, m, g, kc)
+
+
+class JointCodes:
+    """The joint codes of one sequence's candidates and their per-head histogram (m <= 2), built once by
+    `joint_codes` and read by the top-k's code table and by the log-partition (`log_partition_cpu`,
+    `pq_shortlist_cpu`). Every tensor is a view of a per-thread workspace: valid until the next `joint_codes`
+    call on this thread.
+
+    joint: [Hkv * n] int32, token t of head h at bin h * rows * width + c0 + 256 * c1 (m = 2) or + c0 (m = 1);
+    raw: [Hkv, rows, width] int32 counts per bin (rows = K, width = 256 for m = 2; rows = 1, width = K for m = 1).
+    """
+
+    def __init__(self, joint: torch.Tensor, raw: torch.Tensor, kc: int) -> None:
+        self.joint, self.raw, self.kc = joint, raw, kc
+        self.width = raw.shape[2]
+        self._counts: dict[torch.dtype, torch.Tensor] = {}
+
+    def counts(self, dtype: torch.dtype) -> torch.Tensor:
+        """[Hkv, rows, K] contiguous counts in `dtype` (exact: at most 2**24 tokens per code in float32), converted
+        once per dtype into a reused workspace (fresh pages of this size cost as much as the conversion)."""
+        if dtype not in self._counts:
+            h, rows, _ = self.raw.shape
+            buf = _workspace("pq_counts", h * rows * self.kc, dtype).view(h, rows, self.kc)
+            self._counts[dtype] = buf.copy_(self.raw[:, :, :self.kc])
+        return self._counts[dtype]
+
+    def spread(self, table: torch.Tensor) -> torch.Tensor:
+        """A per-code table [Hkv, rows, K] laid out like the bins, flat [Hkv * rows * width]: index_select(0, joint)
+        then reads every token's entry. Columns K..width-1 (no code) are zero-filled."""
+        if table.shape[2] == self.width:
+            return table.reshape(-1)
+        return torch.nn.functional.pad(table, (0, self.width - table.shape[2])).view(-1)
+
+
+def joint_codes(codes: torch.Tensor, kc: int) -> JointCodes:
+    """Joint codes and histogram of codes [Hkv, n, m] uint8 (m <= 2, codes < kc <= 256); see `JointCodes`.
+
+    The two one-byte codes of a token are read as one little-endian uint16 where the buffer holds the pairs packed
+    (no arithmetic per token), by arithmetic otherwise (e.g. every other token of a buffer); the counting is one
+    `index_add_` of an expanded int32 one into a zeroed workspace, cheaper than `bincount` (which returns fresh
+    int64 pages) at the Llama-3-8B shape."""
     h, n, m = codes.shape
-    if m == 2 and sys.byteorder == "little" and codes.stride(2) == 1:
-        j = codes.view(torch.uint16).reshape(h, n).to(torch.int32)  # the two bytes as one little-endian word
+    width, rows = (256, kc) if m == 2 else (kc, 1)
+    stride = rows * width
+    joint = _workspace("pq_joint", h * n, torch.int32).view(h, n)
+    if m == 2 and sys.byteorder == "little" and codes.stride(2) == 1 and codes.stride(1) == 2 \
+            and codes.stride(0) % 2 == 0 and codes.storage_offset() % 2 == 0:
+        joint.copy_(codes.view(torch.uint16)[..., 0])  # the two bytes as one little-endian word
     elif m == 2:
-        j = codes[..., 0].to(torch.int32) + codes[..., 1].to(torch.int32) * 256
+        torch.add(codes[..., 0], codes[..., 1].to(torch.int32), alpha=256, out=joint)
     else:
-        j = codes[..., 0].to(torch.int32)
-    j += torch.arange(0, h * stride, stride, dtype=torch.int32).view(h, 1)
-    return j.view(-1)
+        joint.copy_(codes[..., 0])
+    joint.add_(torch.arange(0, h * stride, stride, dtype=torch.int32).view(h, 1))  # per-head bins
+    raw = _workspace("pq_raw_counts", h * stride, torch.int32).zero_()
+    raw.index_add_(0, joint.view(-1), torch.ones(1, dtype=torch.int32).expand(h * n))
+    return JointCodes(joint.view(-1), raw.view(h, rows, width), kc)
 
 
-def _code_scores(lut: torch.Tensor, codes: torch.Tensor, wide: bool = False):
+def _code_scores(lut: torch.Tensor, codes: torch.Tensor, wide: bool = False, hist: JointCodes | None = None):
     """Group score of every joint code (m = 1 or 2), or None if a softmax denominator underflows.
 
-    lut: [Hkv, m, G, K] float32 (scaled); codes: [Hkv, n, m] uint8. Returns (scores [Hkv, R, K] float32,
-    counts [Hkv, R, K] candidates per code (float64 if wide else float32), joint [Hkv * n] int32, width): R = K
-    rows (c1) for m = 2, 1 for m = 1; a token's code sits at row-major position c1 * width + c0 of head h's block.
+    lut: [Hkv, m, G, K] float32 (scaled); codes: [Hkv, n, m] uint8; hist: their `joint_codes` (None: built here).
+    Returns (scores [Hkv, R, K] float32, counts [Hkv, R, K] candidates per code (float64 if wide else float32),
+    joint [Hkv * n] int32, width): R = K rows (c1) for m = 2, 1 for m = 1; `hist.spread` lays a code table out
+    like the joint codes' bins.
     wide=False computes the factors in float32 (half the memory traffic of float64, and no conversions): exact
     enough while the denominators stay far from underflow (checked: None is returned below _TINY32, and the
     caller re-runs wide=True); wide=True keeps float64's range for very peaked queries.
     """
     h, m, g, kc = lut.shape
-    width = 256 if m == 2 else kc
-    rows = kc if m == 2 else 1
     dt = torch.float64 if wide else torch.float32
-    joint = _joint_codes(codes, rows * width)
-    counts = torch.bincount(joint, minlength=h * rows * width).view(h, rows, width)[:, :, :kc].to(dt)
+    if hist is None:
+        hist = joint_codes(codes, kc)
+    counts = hist.counts(dt)
     # per-sub-space softmax factors, each <= 1 (max over all K centroids subtracted)
     e = (lut - lut.amax(dim=-1, keepdim=True)).to(dt).exp_()  # [H, m, G, K]
     e0 = e[:, 0]  # [H, G, K]: factor of c0
@@ -200,7 +260,7 @@ def _code_scores(lut: torch.Tensor, codes: torch.Tensor, wide: bool = False):
     if not bool((z > (_TINY if wide else _TINY32)).all()):
         return None
     scores = torch.bmm(e1 / z[:, None, :], e0).float()  # [H, R, K]: sum_g e1 e0 / Z_g
-    return scores, counts, joint, width
+    return scores, counts, hist.joint, hist.width
 
 
 def _token_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

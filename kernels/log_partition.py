@@ -13,7 +13,8 @@ weighting, and re-ranking then matched the oracle's set exactly on those keys (o
 
 The public op is `kernels.pq_log_partition` (torch.library op `pqpatch::pq_log_partition`): "torch" runs the
 reference, "cpu" `log_partition_cpu`, "triton" the PQ top-k's LUT and softmax-statistics kernels plus a merge
-(`kernels._triton.log_partition`). `kernels.rerank_topk(..., log_z=...)` consumes it.
+(`kernels._triton.log_partition`). `kernels.rerank_topk(..., log_z=...)` consumes it. A decode step gets it from
+`kernels.pq_shortlist` instead, together with the PQ shortlist, from the same pass over the codes.
 
 Shapes: query [B, Hkv, G, D]; centroids [B, Hkv, m, K, Ds] (m * Ds = D; "residual" stages pass the query repeated
 per stage, see `quality.residual_query`); codes [B, Hkv, N, m] uint8; lo, hi [B] integer. Never imports triton.
@@ -21,14 +22,13 @@ per stage, see `quality.residual_query`); codes [B, Hkv, N, m] uint8; lo, hi [B]
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from .cpu_attention import _workspace
+from .cpu_select import joint_codes, pq_lut
 from .reference import candidate_mask
 
-__all__ = ["log_partition_ref", "log_partition_cpu", "check_log_partition_inputs"]
+__all__ = ["log_partition_ref", "log_partition_cpu", "check_log_partition_inputs", "log_z_factors",
+           "log_z_from_counts"]
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -96,54 +96,49 @@ def log_partition_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch
     it cannot overflow; it underflows to -inf only if the candidates' best logit lies ~700 nats below that sum of
     maxima). Other m: the reference.
 
-    Cost per sequence (m = 2): the token work is one int32 histogram of the Hkv x n' joint codes (the code pair of
-    a token read as one little-endian uint16 where the codes buffer allows that view, widened and offset per head);
-    then Hkv [G, K] x [K, K] float64 products, independent of n'. Llama-3-8B layer (B = 1, Hkv = 8, G = 4, m = 2,
-    K = 256), one thread, float32: 1.3-1.6 ms at 32K candidates and 2.7-2.9 ms at 128K, i.e. 20-23% and 15% of
-    `pq_topk_cpu` selecting the rerank=2 shortlist (N/5) from the same codes (`benchmarks/bench_log_partition.py`;
-    the reference: 6-12 / 40-85 ms)."""
+    Cost per sequence (m = 2): the token work is one int32 histogram of the Hkv x n' joint codes
+    (`cpu_select.joint_codes`); then Hkv [G, K] x [K, K] float64 products, independent of n'. Llama-3-8B layer
+    (B = 1, Hkv = 8, G = 4, m = 2, K = 256), one thread, float32: 1.3-1.6 ms at 32K candidates and 2.7-2.9 ms at
+    128K, i.e. 20-23% and 15% of `pq_topk_cpu` selecting the rerank=2 shortlist (N/5) from the same codes
+    (`benchmarks/bench_log_partition.py`; the reference: 6-12 / 40-85 ms). `kernels.pq_shortlist` computes it
+    together with that top-k from one histogram (`cpu_shortlist.pq_shortlist_cpu`)."""
     b, h, g, _ = query.shape
     m, kc, _ = centroids.shape[2:]
     n = codes.shape[2]
     if m > 2:
         return log_partition_ref(query, centroids, codes, lo, hi, scaling)
-    lut = _lut(query, centroids, scaling).double()  # [B, Hkv, m, G, K]
-    mx = lut.amax(dim=-1, keepdim=True)  # [B, Hkv, m, G, 1]
-    ex = (lut - mx).exp_()
-    shift = mx.sum(dim=2)[..., 0]  # [B, Hkv, G]: the subtracted maxima, added back in log space
+    ex, shift = log_z_factors(pq_lut(query, centroids, scaling))
     out = torch.full((b, h, g), float("-inf"))
     for bi, (a, e) in enumerate(zip(lo.tolist(), hi.tolist())):
         a, e = max(0, int(a)), min(n, int(e))
         if e <= a:
             continue
-        counts = _joint_histogram(codes[bi, :, a:e], kc)  # [Hkv, rows, K] float64, rows = K (m = 2) or 1
-        # z[h, g, c1] = sum_c0 exp(lut0[g, c0]) C[c1, c0] (this operand order is MKL's fastest for the shape)
-        z = torch.bmm(ex[bi, :, 0], counts.transpose(1, 2))  # [Hkv, G, K] x [Hkv, K, rows] -> [Hkv, G, rows]
-        z = (z * ex[bi, :, 1]).sum(dim=-1) if m == 2 else z[..., 0]  # [Hkv, G]
-        out[bi] = (z.log() + shift[bi]).float()
+        counts = joint_codes(codes[bi, :, a:e], kc).counts(torch.float64)  # [Hkv, rows, K], rows = K (m = 2) or 1
+        out[bi] = log_z_from_counts(ex[bi], shift[bi], counts)
     return out
+
+
+def log_z_factors(lut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 factors of the log-partition from the lookup table lut [B, Hkv, m, G, K] float32
+    (`cpu_select.pq_lut`): (ex [B, Hkv, m, G, K] = exp(lut - its maximum over K), each <= 1; shift [B, Hkv, G], the
+    sum of the m subtracted maxima, added back in log space)."""
+    lut = lut.double()
+    mx = lut.amax(dim=-1, keepdim=True)  # [B, Hkv, m, G, 1]
+    return (lut - mx).exp_(), mx.sum(dim=2)[..., 0]
+
+
+def log_z_from_counts(ex: torch.Tensor, shift: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """One sequence's log-partition [Hkv, G] float32 from its `log_z_factors` (ex [Hkv, m, G, K], shift [Hkv, G]) and
+    the float64 histogram of its candidates' codes, counts [Hkv, rows, K] (`JointCodes.counts`); m <= 2. -inf for a
+    head whose sum underflows float64."""
+    # z[h, g, c1] = sum_c0 exp(lut0[g, c0]) C[c1, c0] (this operand order is MKL's fastest for the shape)
+    z = torch.bmm(ex[:, 0], counts.transpose(1, 2))  # [Hkv, G, K] x [Hkv, K, rows] -> [Hkv, G, rows]
+    z = (z * ex[:, 1]).sum(dim=-1) if ex.shape[1] == 2 else z[..., 0]  # [Hkv, G]
+    return (z.log() + shift).float()
 
 
 def _joint_histogram(c: torch.Tensor, kc: int) -> torch.Tensor:
     """c: [Hkv, n, m] uint8 codes (m <= 2). Returns float64 counts [Hkv, K, K] of the pairs (c1, c0) for m = 2,
-    [Hkv, 1, K] of c0 for m = 1: a view of a per-thread workspace, valid until the next call on this thread.
-
-    Why workspaces: the histogram of a Llama-3-8B layer has 8 x 65536 bins (m = 2), 2 MB of int32 and 4 MB of
-    float64; fresh tensors of that size come from the OS zero-filled page by page on every call, which cost as much
-    as the counting itself. The counting is `index_add_` of an expanded int32 one, the bin of a token its code pair
-    read as one little-endian uint16 where the codes buffer allows that view (no arithmetic per token)."""
-    h, n, m = c.shape
-    bins = 65536 if m == 2 else 256  # per head: every (c0, c1) as c0 + 256 c1, or every c0
-    joint = _workspace("logz_joint", h * n, torch.int32).view(h, n)
-    if m == 2 and sys.byteorder == "little" and c.stride(2) == 1 and c.stride(1) == 2 \
-            and c.storage_offset() % 2 == 0 and c.stride(0) % 2 == 0:
-        joint.copy_(c.view(torch.uint16)[..., 0])
-    elif m == 2:
-        torch.add(c[..., 0], c[..., 1].to(torch.int32), alpha=256, out=joint)
-    else:
-        joint.copy_(c[..., 0])
-    joint.add_(torch.arange(0, h * bins, bins, dtype=torch.int32).view(h, 1))  # per-head bins
-    counts = _workspace("logz_counts", h * bins, torch.int32).zero_()
-    counts.index_add_(0, joint.view(-1), torch.ones(1, dtype=torch.int32).expand(h * n))
-    out = _workspace("logz_counts64", h * bins, torch.float64).copy_(counts).view(h, -1, 256)  # [Hkv, rows, 256]
-    return out[:, :kc if m == 2 else 1, :kc]
+    [Hkv, 1, K] of c0 for m = 1: a view of a per-thread workspace, valid until the next call on this thread
+    (`cpu_select.joint_codes`, where the counting is described)."""
+    return joint_codes(c, kc).counts(torch.float64)

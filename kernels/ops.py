@@ -8,13 +8,15 @@ op as one opaque node with a known output shape instead of tracing into Triton l
     torch.ops.pqpatch.rerank_topk(query, keys, shortlist, k, scaling, backend, k_valid, log_z)
         -> idx [B, Hkv, k] int64
     torch.ops.pqpatch.pq_log_partition(query, centroids, codes, lo, hi, scaling, backend) -> log_z [B, Hkv, G] float32
+    torch.ops.pqpatch.pq_shortlist(query, centroids, codes, lo, hi, k, scaling, backend, k_valid)
+        -> (idx [B, Hkv, k] int64, log_z [B, Hkv, G] float32): pq_topk and pq_log_partition of the same inputs
 
 `backend` is already resolved ("torch", "cpu" or "triton", see `kernels.resolve_backend`); "torch" runs
 `kernels.reference` (`kernels.quality` for rerank_topk, `kernels.log_partition` for pq_log_partition), "cpu" the CPU
-fast paths (`kernels.cpu_select`, `kernels.cpu_attention`, `kernels.cpu_rerank`, `log_partition.log_partition_cpu`;
-`pq_assign` has no separate CPU path: one token per step, the
-reference is already cheap). The fake (meta) implementations only build the output shapes. Inference only: no
-autograd formula is registered. Importing this module does not import triton.
+fast paths (`kernels.cpu_select`, `kernels.cpu_attention`, `kernels.cpu_rerank`, `log_partition.log_partition_cpu`,
+`kernels.cpu_shortlist`; `pq_assign` has no separate CPU path: one token per step, the reference is already cheap).
+The fake (meta) implementations only build the output shapes. Inference only: no autograd formula is registered.
+Importing this module does not import triton.
 """
 
 # No `from __future__ import annotations`: custom_op reads the real annotation objects to infer the schema.
@@ -28,10 +30,11 @@ from . import quality
 from .cpu_attention import sparse_decode_attention_cpu
 from .cpu_rerank import rerank_attention_cpu, rerank_topk_cpu
 from .cpu_select import pq_topk_cpu
+from .cpu_shortlist import pq_shortlist_cpu
 from .log_partition import check_log_partition_inputs, log_partition_cpu, log_partition_ref
 
 __all__ = ["pq_topk_op", "pq_assign_op", "sparse_decode_attention_op", "rerank_topk_op", "pq_log_partition_op",
-           "rerank_attention_op"]
+           "pq_shortlist_op", "rerank_attention_op"]
 
 
 def _triton():
@@ -139,6 +142,39 @@ def pq_log_partition_op(query: Tensor, centroids: Tensor, codes: Tensor, lo: Ten
 @pq_log_partition_op.register_fake
 def _(query, centroids, codes, lo, hi, scaling, backend):
     return query.new_empty(query.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("pqpatch::pq_shortlist", mutates_args=())
+def pq_shortlist_op(query: Tensor, centroids: Tensor, codes: Tensor, lo: Tensor, hi: Tensor, k: int, scaling: float,
+                    backend: str, k_valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(idx [B, Hkv, k] int64, log_z [B, Hkv, G] float32): `pq_topk_op` and `pq_log_partition_op` of the same inputs,
+    sharing their per-token pass over the codes ("cpu": one joint-code histogram, `cpu_shortlist`; "triton": the
+    top-k's softmax-statistics partials; "torch": the two references)."""
+    _check_backend(backend)
+    check_log_partition_inputs(query, centroids, codes, lo, hi)  # every backend, as pq_log_partition
+    _check_k(k, k_valid, query.device)
+    if backend == "triton":
+        return _triton().pq_shortlist_triton(query, centroids, codes, lo, hi, k, scaling, k_valid=k_valid)
+    if backend == "cpu":
+        return pq_shortlist_cpu(query, centroids, codes, lo, hi, k, scaling, k_valid)
+    return (ref.pq_topk_ref(query, centroids, codes, lo, hi, k, scaling, k_valid).contiguous(),
+            log_partition_ref(query, centroids, codes, lo, hi, scaling).contiguous())
+
+
+@pq_shortlist_op.register_fake
+def _(query, centroids, codes, lo, hi, k, scaling, backend, k_valid=None):
+    b, h, g, _ = query.shape
+    return query.new_empty((b, h, k), dtype=torch.int64), query.new_empty((b, h, g), dtype=torch.float32)
+
+
+def _check_k(k: int, k_valid: Optional[Tensor], device: torch.device) -> None:
+    """k >= 0, and k_valid None or one integer on the query's device (ValueError; nothing is read)."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if k_valid is not None and (k_valid.numel() != 1 or k_valid.dtype not in (torch.int32, torch.int64)
+                                or k_valid.device != device):
+        raise ValueError(f"k_valid must be one int32/int64 on {device}, got {k_valid.dtype} "
+                         f"{tuple(k_valid.shape)} on {k_valid.device}")
 
 
 @torch.library.custom_op("pqpatch::rerank_attention", mutates_args=())

@@ -24,7 +24,7 @@ from ._triton import rerank as _rerank
 from ._triton import sparse_attn as _attn
 
 __all__ = ["pq_topk_triton", "pq_assign_triton", "sparse_decode_attention_triton", "rerank_topk_triton",
-           "pq_log_partition_triton"]
+           "pq_log_partition_triton", "pq_shortlist_triton"]
 
 
 def _fix_interpreter_loop_bounds() -> None:
@@ -122,23 +122,9 @@ def _check_device(device: torch.device, **tensors: torch.Tensor) -> None:
            f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}")
 
 
-@_on_tensor_device
-def pq_topk_triton(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor,
-                   hi: torch.Tensor, k: int, scaling: float, *, block_n: int | None = None,
-                   programs_per_row: int | None = None, k_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Top-k tokens by PQ group score (see `kernels._triton.pq_topk` for the algorithm).
-
-    query: [B, Hkv, G, D] float; centroids: [B, Hkv, m, K, Ds] float, K <= 256, m * Ds = D; codes: [B, Hkv, N, m]
-    uint8 (a preallocated buffer: only [lo, hi) is read); lo, hi: [B] int32/int64. Returns [B, Hkv, k] int64
-    token positions in no particular order, -1 in slots beyond the number of candidates.
-    k_valid: optional 1-element integer tensor: select only min(k_valid, k) tokens, the other slots -1 (a runtime
-    count, read on the device: a compiled step keeps k slots while the budget of the real context varies).
-    block_n / programs_per_row override the launch geometry (tests use them to exercise multi-block loops).
-
-    Bytes per row (N candidates): 2 * N * m code bytes + 4 * N key bytes written and 3 * 4 * N re-read (L2-resident)
-    + 8 * k index bytes. N = 128K, Hkv = 8, m = 2, k = N/5: ~23 MB, mostly L2 traffic; bound by the 6 launches
-    (~2 us each under a CUDA graph) and the LUT gathers: ~15 us expected on an H100 (target <= 25 us).
-    """
+def _check_select_inputs(query, centroids, codes, lo, hi, k, k_valid) -> torch.Tensor:
+    """Argument checks of the PQ top-k launchers (ValueError naming the shape, dtype or device); returns k_valid as
+    a device tensor (k when None)."""
     _check_float("query", query, 4)
     _check_float("centroids", centroids, 5)
     _check(isinstance(codes, torch.Tensor) and codes.dim() == 4 and codes.dtype == torch.uint8,
@@ -164,13 +150,62 @@ def pq_topk_triton(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Te
     _check(k_valid.numel() == 1 and k_valid.dtype in _INTS,
            f"k_valid must be one integer, got {k_valid.dtype} {tuple(k_valid.shape)}")
     _check_device(query.device, k_valid=k_valid)
+    return k_valid
 
+
+@_on_tensor_device
+def pq_topk_triton(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor,
+                   hi: torch.Tensor, k: int, scaling: float, *, block_n: int | None = None,
+                   programs_per_row: int | None = None, k_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k tokens by PQ group score (see `kernels._triton.pq_topk` for the algorithm).
+
+    query: [B, Hkv, G, D] float; centroids: [B, Hkv, m, K, Ds] float, K <= 256, m * Ds = D; codes: [B, Hkv, N, m]
+    uint8 (a preallocated buffer: only [lo, hi) is read); lo, hi: [B] int32/int64. Returns [B, Hkv, k] int64
+    token positions in no particular order, -1 in slots beyond the number of candidates.
+    k_valid: optional 1-element integer tensor: select only min(k_valid, k) tokens, the other slots -1 (a runtime
+    count, read on the device: a compiled step keeps k slots while the budget of the real context varies).
+    block_n / programs_per_row override the launch geometry (tests use them to exercise multi-block loops).
+
+    Bytes per row (N candidates): 2 * N * m code bytes + 4 * N key bytes written and 3 * 4 * N re-read (L2-resident)
+    + 8 * k index bytes. N = 128K, Hkv = 8, m = 2, k = N/5: ~23 MB, mostly L2 traffic; bound by the 6 launches
+    (~2 us each under a CUDA graph) and the LUT gathers: ~15 us expected on an H100 (target <= 25 us).
+    """
+    k_valid = _check_select_inputs(query, centroids, codes, lo, hi, k, k_valid)
+    return _select_launch(query, centroids, codes, lo, hi, k, scaling, k_valid, block_n, programs_per_row, False)[0]
+
+
+@_on_tensor_device
+def pq_shortlist_triton(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor,
+                        hi: torch.Tensor, k: int, scaling: float, *, block_n: int | None = None,
+                        programs_per_row: int | None = None,
+                        k_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pq_topk_triton` and `pq_log_partition_triton` of the same inputs in one launch sequence: the top-k's
+    per-head (max, sum) partials (its `_stats_kernel` pass) are merged into log_z by the log-partition's
+    `_merge_kernel` (one program per row) instead of a second LUT and statistics pass over the codes.
+
+    Arguments as `pq_topk_triton`. Returns (idx [B, Hkv, k] int64 as `pq_topk_triton`; log_z [B, Hkv, G] float32,
+    natural log, -inf for a sequence without candidates, equal to `pq_log_partition_triton`'s with the same
+    geometry: the same kernels on the same partials). Bytes saved per row: m * N code bytes and one LUT build.
+    """
+    k_valid = _check_select_inputs(query, centroids, codes, lo, hi, k, k_valid)
+    return _select_launch(query, centroids, codes, lo, hi, k, scaling, k_valid, block_n, programs_per_row, True)
+
+
+def _select_launch(query, centroids, codes, lo, hi, k: int, scaling: float, k_valid: torch.Tensor,
+                   block_n: int | None, programs_per_row: int | None,
+                   want_log_z: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The launches of the PQ top-k (checked inputs; k = 0 with want_log_z: the log-partition alone). Returns
+    (idx [B, Hkv, k] int64, log_z [B, Hkv, G] float32 or None)."""
+    b, hkv, g, d = query.shape
+    m, kc, ds = centroids.shape[2:]
+    n = codes.shape[2]
     out = torch.empty((b, hkv, k), dtype=torch.int64, device=query.device)
-    if k == 0 or b * hkv == 0:
-        return out
-    if n == 0:
-        return out.fill_(-1)
+    log_z = torch.empty((b, hkv, g), dtype=torch.float32, device=query.device) if want_log_z else None
     rows = b * hkv
+    if rows == 0 or (k == 0 and not want_log_z):
+        return out, log_z
+    if n == 0:
+        return out.fill_(-1), None if log_z is None else log_z.fill_(float("-inf"))
     gp = _pow2(g)
     dsp = _pow2(ds, 16)
     block_c = min(_pow2(kc, 16), max(16, 8192 // dsp))
@@ -183,7 +218,6 @@ def pq_topk_triton(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Te
     lut = torch.empty((rows, m, kc, gp), dtype=torch.float32, device=query.device)  # [R, m, K, GP]
     ws = torch.empty((rows, _topk.WS_SIZE), dtype=torch.int32, device=query.device)  # zeroed by _lut_kernel
     part = torch.empty((rows, p_score, 2, gp), dtype=torch.float32, device=query.device)  # [R, P, (max, sum), GP]
-    keys = torch.empty((rows, n), dtype=torch.int32, device=query.device)  # [R, N], only [lo, hi) written
     cs = codes.stride()
 
     _topk._lut_kernel[(rows, m, triton.cdiv(kc, block_c))](
@@ -192,6 +226,11 @@ def pq_topk_triton(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Te
     _topk._stats_kernel[(rows, p_score)](
         codes, lut, part, lo, hi, n, hkv, cs[0], cs[1], cs[2], cs[3],
         M=m, KC=kc, GP=gp, BLOCK_N=bn_score, num_warps=8)
+    if want_log_z:  # the partials are final here; the merge only reads them
+        _logz._merge_kernel[(rows,)](part, log_z, p_score, G=g, GP=gp, PP=_pow2(p_score), num_warps=1)
+    if k == 0:
+        return out, log_z
+    keys = torch.empty((rows, n), dtype=torch.int32, device=query.device)  # [R, N], only [lo, hi) written
     _topk._score_kernel[(rows, p_score)](
         codes, lut, part, keys, ws, lo, hi, n, hkv, cs[0], cs[1], cs[2], cs[3],
         M=m, KC=kc, G=g, GP=gp, PP=_pow2(p_score), BLOCK_N=bn_score, WS=_topk.WS_SIZE, num_warps=8)
@@ -200,7 +239,7 @@ def pq_topk_triton(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Te
             keys, ws, lo, hi, k_valid, k, n, hkv, LEVEL=level, BLOCK_N=bn_sel, WS=_topk.WS_SIZE, num_warps=8)
     _topk._select_kernel[(rows, p_sel)](
         keys, ws, out, lo, hi, k_valid, k, n, hkv, BLOCK_N=bn_sel, WS=_topk.WS_SIZE, num_warps=8)
-    return out
+    return out, log_z
 
 
 @_on_tensor_device
@@ -337,34 +376,11 @@ def pq_log_partition_triton(query: torch.Tensor, centroids: torch.Tensor, codes:
 
     query: [B, Hkv, G, D] float; centroids: [B, Hkv, m, K, Ds] float, K <= 256, m * Ds = D; codes: [B, Hkv, N, m]
     uint8 (only [lo, hi) is read); lo, hi: [B] int32/int64. Returns [B, Hkv, G] float32 (natural log), -inf for a
-    sequence without candidates. The LUT and statistics kernels are pq_topk's, with its launch geometry;
-    block_n / programs_per_row override it (tests use them to exercise multi-block loops).
+    sequence without candidates. The LUT and statistics kernels are pq_topk's, with its launch geometry (its launch
+    sequence stopped after the merge, k = 0); block_n / programs_per_row override it (tests use them to exercise
+    multi-block loops). `pq_shortlist_triton` gets the same log_z from the top-k's own partials.
     """
     check_log_partition_inputs(query, centroids, codes, lo, hi)
     _check_device(query.device)
-    b, hkv, g, d = query.shape
-    m, kc, ds = centroids.shape[2:]
-    n = codes.shape[2]
-    out = torch.empty((b, hkv, g), dtype=torch.float32, device=query.device)
-    if out.numel() == 0:
-        return out
-    if n == 0:
-        return out.fill_(float("-inf"))
-    rows = b * hkv
-    gp = _pow2(g)
-    dsp = _pow2(ds, 16)
-    block_c = min(_pow2(kc, 16), max(16, 8192 // dsp))
-    bn = block_n or (1024 if gp <= 8 else 512)
-    p = max(1, min(triton.cdiv(n, bn), programs_per_row or triton.cdiv(_target_programs(query.device), rows)))
-    lut = torch.empty((rows, m, kc, gp), dtype=torch.float32, device=query.device)  # [R, m, K, GP]
-    ws = torch.empty((rows, _topk.WS_SIZE), dtype=torch.int32, device=query.device)  # _lut_kernel zeroes it; unused
-    part = torch.empty((rows, p, 2, gp), dtype=torch.float32, device=query.device)  # [R, P, (max, sum), GP]
-    cs = codes.stride()
-    _topk._lut_kernel[(rows, m, triton.cdiv(kc, block_c))](
-        query, centroids, lut, ws, hkv, float(scaling) * _LOG2E, *query.stride(), *centroids.stride(),
-        M=m, KC=kc, DS=ds, G=g, GP=gp, GD=_pow2(gp, 16), DSP=dsp, BLOCK_C=block_c, WS=_topk.WS_SIZE)
-    _topk._stats_kernel[(rows, p)](
-        codes, lut, part, lo, hi, n, hkv, cs[0], cs[1], cs[2], cs[3],
-        M=m, KC=kc, GP=gp, BLOCK_N=bn, num_warps=8)
-    _logz._merge_kernel[(rows,)](part, out, p, G=g, GP=gp, PP=_pow2(p), num_warps=1)
-    return out
+    k_valid = torch.zeros((1,), dtype=torch.int64, device=query.device)  # never read: k = 0 launches no select
+    return _select_launch(query, centroids, codes, lo, hi, 0, scaling, k_valid, block_n, programs_per_row, True)[1]

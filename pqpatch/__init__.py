@@ -11,7 +11,10 @@ import sys as _sys
 from pathlib import Path as _Path
 
 # A source checkout (no install, e.g. a copied working tree) keeps the ops in ../kernels; an installed pqpatch has
-# them as pqpatch/kernels. Let `pqpatch.kernels` resolve in both layouts.
+# them as pqpatch/kernels. Let `pqpatch.kernels` resolve in both layouts. The finder goes first on sys.meta_path:
+# with another checkout installed in editable mode, that install's finder maps `pqpatch.kernels` to *its* kernels
+# folder, and a source checkout on PYTHONPATH (a git worktree) would otherwise run its own pqpatch against the
+# other checkout's ops.
 if not (_Path(__file__).parent / "kernels").is_dir() and (_Path(__file__).parents[1] / "kernels" / "ops.py").is_file():
     import importlib.util as _util
 
@@ -24,7 +27,7 @@ if not (_Path(__file__).parent / "kernels").is_dir() and (_Path(__file__).parent
             return _util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
 
     if not any(isinstance(f, type) and f.__name__ == "_KernelsFinder" for f in _sys.meta_path):
-        _sys.meta_path.append(_KernelsFinder)
+        _sys.meta_path.insert(0, _KernelsFinder)
 
 from .config import PQCacheConfig
 from .patch import patch_model, unpatch_model

@@ -6,7 +6,8 @@ policy (per-head softmax over candidates, summed over the group; see `kernels.re
 
 - "pq": PQ scores through codes and centroids (the PQCache method); residual codebooks score through the same
   top-k (`kernels.quality`); with `rerank` r > 1 a shortlist of r x k is re-scored with the exact keys, each head's
-  exact logits normalised by its PQ-estimated log-partition over all candidates (`kernels.pq_log_partition`).
+  exact logits normalised by its PQ-estimated log-partition over all candidates (`kernels.pq_log_partition`; the
+  shortlist and the log-partition come from one op, `kernels.pq_shortlist`).
 - "oracle": exact scores with the real keys (an upper bound for evaluation; reads every key).
 - "streaming": no selection; the budget goes to the local window (StreamingLLM). k is 0 by construction.
 - "snapkv": eviction baseline (SnapKV): the k tokens with the most attention from the prompt's last queries,
@@ -166,15 +167,16 @@ def pq_shortlist(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int
                  k_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The PQ shortlist of exact re-ranking and the per-head normaliser it is re-scored with.
 
-    query: [B, Hkv, G, D]; lo, hi: [B]; centroids, codes: the layer's codebook (PQ or residual). Returns
-    (shortlist [B, Hkv, rerank * k] int64 positions, -1 = empty; log_z [B, Hkv, G] float32, each head's
-    log-partition over all candidates through the codes, the same q as the PQ scoring)."""
+    query: [B, Hkv, G, D]; lo, hi: [B]; centroids, codes: the layer's codebook (PQ or residual); k_valid: optional
+    1-element device tensor, how many of the k slots the re-ranking fills (the shortlist fills rerank times as many).
+    Returns (shortlist [B, Hkv, rerank * k] int64 positions, -1 = empty; log_z [B, Hkv, G] float32, each head's
+    log-partition over all candidates through the codes, the same q as the PQ scoring). One op
+    (`kernels.pq_shortlist`): both run over every candidate's codes, and it makes that pass once."""
     q = query
     if is_residual(query.shape[-1], centroids):
         q = residual_query(query, centroids.shape[2])
-    short = kernels.pq_topk(q, centroids, codes, lo, hi, rerank * k, scaling, backend=backend,
-                            k_valid=None if k_valid is None else k_valid * rerank)
-    return short, kernels.pq_log_partition(q, centroids, codes, lo, hi, scaling, backend=backend)
+    return kernels.pq_shortlist(q, centroids, codes, lo, hi, rerank * k, scaling, backend=backend,
+                                k_valid=None if k_valid is None else k_valid * rerank)
 
 
 def select(

@@ -5,6 +5,7 @@ and `_stats_kernel` (grid (R, P), program p walks the blocks p, p + P, ... of [l
 log2-scaled logits from it and keeps an online per-head (max, sum exp2) -> part[r, p, 2, GP]. `_merge_kernel`
 (grid R) merges the P partials of a row into natural-log log-partitions [R, G], -inf for rows without candidates.
 The grid is static and nothing reads device data on the host, so the launch sequence can be captured in a CUDA graph.
+`pq_shortlist` launches the same merge on the partials of the PQ top-k's own statistics pass (no second pass).
 
 Bytes per row: m * N code bytes (read once), the LUT (1-16 KiB, L1-resident) and 2 * P * GP * 4 of partials.
 """

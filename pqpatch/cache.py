@@ -29,7 +29,7 @@ from transformers.cache_utils import StaticCache, StaticLayer
 from . import kernels
 from .clustering import ClusterPool
 from .config import PQCacheConfig
-from .selection import QuestPages, pq_shortlist, select
+from .selection import QuestPages, pq_shortlist, select, with_outliers
 
 __all__ = ["PQLayer", "PQCache", "bucket_length"]
 
@@ -95,6 +95,7 @@ class PQLayer(StaticLayer):
         self.codes: torch.Tensor | None = None  # [B, Hkv, max_len, m] uint8
         self.pages: QuestPages | None = None
         self.snap_idx: torch.Tensor | None = None  # [B, Hkv, topk_slots] the "snapkv" selection
+        self.outliers: torch.Tensor | None = None  # [B, Hkv, outlier_slots] worst-coded positions, -1 = empty
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -261,6 +262,10 @@ class PQLayer(StaticLayer):
             self.codes = torch.zeros(b, h, self.max_cache_len, m, dtype=torch.uint8, device=self.device)
             torch._dynamo.mark_static_address(self.centroids)
             torch._dynamo.mark_static_address(self.codes)
+            n_out = c.outlier_slots(self.context_len)
+            if n_out > 0:  # filled by `sync`, read by every re-ranked step (`_rerank_decode`)
+                self.outliers = torch.full((b, h, n_out), -1, dtype=torch.long, device=self.device)
+                torch._dynamo.mark_static_address(self.outliers)
             weights = None
             if c.weighted_kmeans and self.obs_attn is not None:
                 from .selection import kmeans_weights
@@ -269,6 +274,7 @@ class PQLayer(StaticLayer):
             self.future = self.pool.submit(
                 self.keys, lo, hi, c.num_subspaces, c.bits, c.kmeans_iters, c.seed, ready=self._host_ready(),
                 layer=self.layer_idx, head_offset=self.head_offset, weights=weights, quantizer=c.quantizer,
+                outliers=n_out,
             )
         elif self.cfg.selection == "quest":
             self.pages = QuestPages(self.keys, self.cfg.quest_page_tokens)
@@ -306,6 +312,9 @@ class PQLayer(StaticLayer):
         for i, q in enumerate(book.codes):
             lo = starts[i] + self.sink
             self.codes[i, :, lo : lo + q.shape[1]] = q.to(self.device)
+        if self.outliers is not None:
+            for i, w in enumerate(book.outliers):  # [Hkv, <= outlier_slots] positions relative to lo
+                self.outliers[i, :, : w.shape[1]] = (w + starts[i] + self.sink).to(self.device)
 
     def _code_range(self, a: int, b: int) -> None:
         """Eagerly code positions [a, b) (a multi-token step pushed them out of the window)."""
@@ -373,6 +382,8 @@ class PQLayer(StaticLayer):
         k_valid = self.split_n[2:]
         short, log_z = pq_shortlist(q, lo, hi_b, self.topk_slots, scaling, self.centroids, self.codes,
                                     self.cfg.rerank_factor, self.cfg.backend, k_valid)
+        if self.outliers is not None:
+            short = with_outliers(short, self.outliers)
         sink, local = sink[:, None].expand(*bh, -1), local[:, None].expand(*bh, -1)
         out, _, top = kernels.rerank_attention(q, self.keys, self.values, short, torch.cat([sink, local], -1),
                                                self.topk_slots, scaling, backend=self.cfg.backend, k_valid=k_valid,

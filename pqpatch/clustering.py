@@ -35,7 +35,7 @@ import os
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,11 +56,14 @@ class Codebook:
 
     centroids: [B, Hkv, m, K, Ds] float32 (CPU); codes: per sequence b, [Hkv, hi - lo[b], m] uint8 for the
     training positions lo[b] <= n < hi. trainer: the k-means that produced it, "faiss" or "torch".
+    outliers: per sequence b, [Hkv, min(outliers, hi - lo[b])] int64, the worst-coded training positions
+    (relative to lo[b], ascending; `codebook.worst_coded`); empty lists when the job was not asked for them.
     """
 
     centroids: torch.Tensor
     codes: list[torch.Tensor]
     trainer: str = "faiss"
+    outliers: list[torch.Tensor] = field(default_factory=list)
 
 
 def default_num_threads() -> int:
@@ -139,6 +142,7 @@ class ClusterPool:
         head_offset: int = 0,
         weights: torch.Tensor | None = None,
         quantizer: str = "pq",
+        outliers: int = 0,
     ) -> Future:
         """Cluster keys[b, :, lo[b]:hi] of every sequence b. keys: [B, Hkv, N, D] on any device.
 
@@ -149,6 +153,8 @@ class ClusterPool:
         of `Codebook`; hand it to `cancel` if it will never be collected. `weights`: [B, Hkv, N] per-key k-means
         weights (attention-weighted k-means), positions as in keys; None: unweighted. `quantizer`: "pq"
         (num_subspaces sub-spaces) or "residual" (num_subspaces full-dimension stages, `codebook.train_rq`).
+        `outliers`: also find each sequence's `outliers` worst-coded keys per KV head (`Codebook.outliers`), here
+        on the pool thread rather than on the decode path.
         """
         src = keys[:, :, : max(hi, 0)]
         leases = []  # staging buffers this job holds until its future is done
@@ -218,8 +224,10 @@ class ClusterPool:
                     c = books[richest][0]  # [Hkv, m, K, Ds]
                     assign = rq_assign_ref if quantizer == "residual" else pq_assign_ref
                     books[b] = (c, assign(x[None].float(), c[None])[0])
+            worst = [codebook.worst_coded(x, c, q, quantizer == "residual", outliers) for x, (c, q) in
+                     zip(rows, books)] if outliers > 0 else []
             return Codebook(torch.stack([c for c, _ in books]), [q for _, q in books],
-                            "faiss" if use_faiss else "torch")
+                            "faiss" if use_faiss else "torch", worst)
 
         # The layer's heads are split over the pool's threads: the last layers' jobs, which nothing later in the
         # prefill hides, then finish num_threads times sooner (the first decode step waits for them).

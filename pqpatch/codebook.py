@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 __all__ = ["faiss_available", "default_use_faiss", "kmeans_trainer", "kmeans_torch", "kmeans_faiss", "train_pq",
-           "train_rq", "inertia", "ClusteringStopped"]
+           "train_rq", "inertia", "reconstruction_error", "worst_coded", "ClusteringStopped"]
 
 log = logging.getLogger("pqpatch")
 
@@ -312,3 +312,27 @@ def train_rq(
     if scale is not None:
         cent = cent * scale[:, None]
     return cent, torch.stack(codes, -1).contiguous()  # codes [Hkv, n, S]
+
+
+def reconstruction_error(keys: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor,
+                         residual: bool) -> torch.Tensor:
+    """Squared distance of every key to its reconstruction from the codebook: [Hkv, n] float32.
+
+    keys: [Hkv, n, D]; centroids: [Hkv, m, K, Ds] (PQ: Ds = D / m, the key is the concatenation of its
+    sub-space centroids; residual: Ds = D, the key is the sum of its stage centroids); codes: [Hkv, n, m] uint8.
+    """
+    h, n, m = codes.shape
+    ds = centroids.shape[-1]
+    pick = codes.long().permute(0, 2, 1)[..., None].expand(h, m, n, ds)  # [Hkv, m, n, Ds]
+    parts = torch.gather(centroids.float(), 2, pick)  # [Hkv, m, n, Ds]: each token's centroid per sub-space
+    recon = parts.sum(1) if residual else parts.permute(0, 2, 1, 3).reshape(h, n, m * ds)
+    return ((keys.float() - recon) ** 2).sum(-1)
+
+
+def worst_coded(keys: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, residual: bool,
+                count: int) -> torch.Tensor:
+    """Positions of the `count` worst-coded keys per KV head (largest `reconstruction_error`), ascending:
+    [Hkv, min(count, n)] int64 (positions into keys' n). Shapes as `reconstruction_error`."""
+    err = reconstruction_error(keys, centroids, codes, residual)
+    c = min(count, err.shape[1])
+    return torch.topk(err, c, dim=-1).indices.sort(dim=-1).values

@@ -76,6 +76,13 @@ class PQCacheConfig:
         the exact keys on the host). On Gemma-3-270M re-ranking a 2k shortlist raised the recall of the oracle's
         attention mass at budget 0.1 from 0.80 to 0.90 at 8K and 16K, 4k to 0.96 (docs/results.md); each extra k
         costs a decode step k more scattered key rows. `rerank_factor` is the resolved value.
+    rerank_outliers: with re-ranking (rerank_factor > 1), the prompt's worst-coded keys join every shortlist, so
+        the exact keys decide for them: per KV head, the candidates with the largest reconstruction error under
+        the trained codebook (a float in [0, 1): that fraction of the context, an int >= 0: a count; 0: off).
+        Why: the keys a retrieval needs are often the rarest, and the rarest are coded worst. On Gemma-3-270M a
+        NIAH needle's digit keys were the 6 worst-coded of 15.5K candidates, and the codes ranked the one key
+        that held 0.96 of a head's attention 2443rd (docs/results.md). Costs rerank_outliers x context extra key
+        rows per step and KV head (default 0.01: ~5% more than the default shortlist of 2 x top-k).
     """
 
     token_budget: float | int = 0.2
@@ -99,6 +106,7 @@ class PQCacheConfig:
     sink_in_budget: bool = True
     quantizer: str = "residual"
     rerank: int | None = None
+    rerank_outliers: float | int = 0.01
 
     def __post_init__(self) -> None:
         tb = self.token_budget
@@ -165,6 +173,10 @@ class PQCacheConfig:
         if self.rerank is not None and self.rerank > 1 and self.offload:
             raise ValueError("rerank > 1 reads the shortlist's exact keys, which an offloaded cache keeps on the host; "
                              "use rerank=1 with offload=True")
+        ro = self.rerank_outliers
+        if not _is_number(ro) or (isinstance(ro, float) and not (0.0 <= ro < 1.0)) or (_is_int(ro) and ro < 0):
+            raise ValueError(f"rerank_outliers must be a float in [0, 1) (a fraction of the context) or an int >= 0 "
+                             f"(a count), got {ro!r}")
         if self.cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, got {self.cache_policy!r}")
 
@@ -175,6 +187,14 @@ class PQCacheConfig:
         if self.rerank is not None:
             return self.rerank
         return 1 if self.offload else DEFAULT_RERANK
+
+    def outlier_slots(self, context_len: int) -> int:
+        """How many worst-coded keys per KV head join each re-ranking shortlist (`rerank_outliers`) for a cache
+        built for `context_len` tokens: 0 without re-ranking or without "pq" selection."""
+        if self.selection != "pq" or self.rerank_factor <= 1:
+            return 0
+        ro = self.rerank_outliers
+        return ro if _is_int(ro) else math.ceil(ro * context_len)
 
     @property
     def num_centroids(self) -> int:

@@ -26,7 +26,7 @@ from . import kernels
 from .kernels.quality import is_residual, residual_query
 from .kernels.reference import group_softmax_scores
 
-__all__ = ["QuestPages", "select", "pq_shortlist", "observation_attention", "kmeans_weights", "snapkv_indices"]
+__all__ = ["QuestPages", "select", "pq_shortlist", "with_outliers", "observation_attention", "kmeans_weights", "snapkv_indices"]
 
 
 @torch.no_grad()  # a statistic of the prefill, never part of a gradient
@@ -160,6 +160,22 @@ class QuestPages:
         tok, keep = torch.gather(tok, -1, order), torch.gather(keep, -1, order)
         tok = torch.where(keep, tok, torch.full_like(tok, -1))
         return tok
+
+
+def with_outliers(shortlist: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
+    """The shortlist extended by the worst-coded keys (`PQCacheConfig.rerank_outliers`), each position once.
+
+    shortlist: [B, Hkv, R] int64 positions, -1 = empty, any order, distinct; outliers: [B, Hkv, X] int64 positions,
+    -1 = empty, distinct. Returns [B, Hkv, R + X]: the shortlist, then the outliers it does not already hold (-1 in
+    their place). Membership by binary search in the sorted shortlist (O((R + X) log R), no [X, R] comparison);
+    tensor ops only, so a compiled step stays one graph.
+    """
+    if outliers.shape[-1] == 0 or shortlist.shape[-1] == 0:
+        return torch.cat([shortlist, outliers], dim=-1)
+    ordered = shortlist.sort(dim=-1).values  # -1 entries first: they never equal an outlier position >= 0
+    at = torch.searchsorted(ordered, outliers).clamp_max(ordered.shape[-1] - 1)
+    held = torch.gather(ordered, -1, at) == outliers
+    return torch.cat([shortlist, torch.where(held, -1, outliers)], dim=-1)
 
 
 def pq_shortlist(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int, scaling: float,

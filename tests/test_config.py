@@ -16,6 +16,7 @@ BAD = [
     ("cache_block_tokens", 0), ("gpu_cache_tokens", -1), ("cache_policy", "fifo"),
     ("weighted_kmeans", 1), ("weighted_kmeans", None), ("observation_window", 0), ("observation_window", 8.0),
     ("sink_in_budget", "no"), ("quantizer", "opq"), ("rerank", 0), ("rerank", 2.0),
+    ("rerank_outliers", 1.0), ("rerank_outliers", -1), ("rerank_outliers", "1%"),
 ]
 
 

@@ -320,7 +320,8 @@ def test_kmeans_cost_tool_times_a_job(capsys):
 
 def test_demo_counts_the_re_rank_reads():
     """With rerank r a step also reads r x top-k exact keys per KV head, of which the CPU's fused path reuses the
-    top-k for the attention: kv_memory reports the (r - 1) x top-k extra there (0 without re-ranking)."""
+    top-k for the attention: kv_memory reports the (r - 1) x top-k extra there (0 without re-ranking), plus the
+    worst-coded keys joined to the shortlist (rerank_outliers, counted as a count here: 5)."""
     import pqpatch
     from pqpatch.eval.demo import kv_memory
 
@@ -328,7 +329,7 @@ def test_demo_counts_the_re_rank_reads():
     ids = torch.randint(1, 96, (200,)).tolist()
     got = {}
     for r in (1, 3):
-        pqpatch.patch_model(model, pqpatch.PQCacheConfig(token_budget=0.3, rerank=r, **BASE))
+        pqpatch.patch_model(model, pqpatch.PQCacheConfig(token_budget=0.3, rerank=r, rerank_outliers=5, **BASE))
         try:
             cache, _ = prefill(model, ids, 4)
             got[r] = (kv_memory(model, cache), cache.pq_layers()[0].topk)
@@ -336,8 +337,9 @@ def test_demo_counts_the_re_rank_reads():
             pqpatch.unpatch_model(model)
     assert got[1][0]["pq_rerank"] == 0
     topk = got[3][1]
-    assert topk > 0 and got[3][0]["pq_rerank"] == (3 - 1) * topk * 2 * 16 * 4  # backend "auto" on CPU: fused
-    pqpatch.patch_model(model, pqpatch.PQCacheConfig(token_budget=0.3, rerank=3, backend="torch", **BASE))
+    assert topk > 0 and got[3][0]["pq_rerank"] == ((3 - 1) * topk + 5) * 2 * 16 * 4  # "auto" on CPU: fused
+    pqpatch.patch_model(model, pqpatch.PQCacheConfig(token_budget=0.3, rerank=3, rerank_outliers=0, backend="torch",
+                                                     **BASE))
     try:  # the reference backend runs re-ranking and attention as two ops: all 3 x top-k keys are extra reads
         cache, _ = prefill(model, ids, 4)
         assert kv_memory(model, cache)["pq_rerank"] == 3 * topk * 2 * 16 * 4

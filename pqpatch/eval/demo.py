@@ -80,7 +80,9 @@ def kv_memory(model, cache) -> dict[str, int]:
     layers (the same with or without the patch); pq_codes / pq_centroids: the PQ index of the global layers;
     pq_attended: K+V of the tokens one decode step attends to in the global layers (sink + top-k + window);
     pq_rerank: keys one step reads to re-rank its shortlist beyond the attended ones (rerank x top-k per KV head;
-    (rerank - 1) x top-k on the CPU backend, whose fused path reuses the top-k's keys; 0 without re-ranking).
+    (rerank - 1) x top-k on the CPU backend, whose fused path reuses the top-k's keys; 0 without re-ranking), plus
+    the worst-coded keys joined to the shortlist (`rerank_outliers`; an upper bound: those the codes shortlist
+    anyway are read once).
     """
     text = model.config.get_text_config(decoder=True)
     d = head_dim_of(model.config)
@@ -107,7 +109,8 @@ def kv_memory(model, cache) -> dict[str, int]:
             # exact keys of the shortlist; the CPU path (kernels.rerank_attention) reuses the top-k's keys for the
             # attention, so only (r - 1) x top-k of them are reads the attended K/V does not already count
             fused = kernels.resolve_backend(layer.cfg.backend, layer.keys.device) == "cpu"
-            out["pq_rerank"] += (r - 1 if fused else r) * layer.topk * hkv * d * elem
+            extra = layer.cfg.outlier_slots(layer.context_len)
+            out["pq_rerank"] += ((r - 1 if fused else r) * layer.topk + extra) * hkv * d * elem
     return out
 
 

@@ -320,13 +320,24 @@ def reconstruction_error(keys: torch.Tensor, centroids: torch.Tensor, codes: tor
 
     keys: [Hkv, n, D]; centroids: [Hkv, m, K, Ds] (PQ: Ds = D / m, the key is the concatenation of its
     sub-space centroids; residual: Ds = D, the key is the sum of its stage centroids); codes: [Hkv, n, m] uint8.
+    One head at a time, one `index_select` of centroid rows per sub-space / stage, subtracted in place: memory
+    stays at one head's keys (a single gather over every head and stage would hold m x the keys in float32).
     """
     h, n, m = codes.shape
     ds = centroids.shape[-1]
-    pick = codes.long().permute(0, 2, 1)[..., None].expand(h, m, n, ds)  # [Hkv, m, n, Ds]
-    parts = torch.gather(centroids.float(), 2, pick)  # [Hkv, m, n, Ds]: each token's centroid per sub-space
-    recon = parts.sum(1) if residual else parts.permute(0, 2, 1, 3).reshape(h, n, m * ds)
-    return ((keys.float() - recon) ** 2).sum(-1)
+    cent = centroids.float()
+    out = torch.empty(h, n)
+    for i in range(h):
+        diff = keys[i].float().clone()  # [n, D]: the key, minus its reconstruction below
+        idx = codes[i].long()  # [n, m]
+        for j in range(m):
+            rows = cent[i, j].index_select(0, idx[:, j])  # [n, Ds]
+            if residual:
+                diff -= rows
+            else:
+                diff[:, j * ds : (j + 1) * ds] -= rows
+        out[i] = diff.square_().sum(-1)
+    return out
 
 
 def worst_coded(keys: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, residual: bool,

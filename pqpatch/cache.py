@@ -368,7 +368,7 @@ class PQLayer(StaticLayer):
         top = select(
             self.cfg.selection, query, lo, hi_b, self.topk_slots, scaling, keys=self.keys, centroids=self.centroids,
             codes=self.codes, pages=self.pages, fixed=self.snap_idx, backend=self.cfg.backend,
-            rerank=self.cfg.rerank_factor, k_valid=self.split_n[2:],
+            rerank=self.cfg.rerank_factor, k_valid=self.split_n[2:], outliers=self.outliers,
         )  # [B, Hkv, k_slots]: the best topk_n of them, the rest -1
         bh = top.shape[:2]
         return torch.cat([sink[:, None].expand(*bh, -1), top, local[:, None].expand(*bh, -1)], dim=-1)

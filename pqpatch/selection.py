@@ -26,7 +26,8 @@ from . import kernels
 from .kernels.quality import is_residual, residual_query
 from .kernels.reference import group_softmax_scores
 
-__all__ = ["QuestPages", "select", "pq_shortlist", "with_outliers", "observation_attention", "kmeans_weights", "snapkv_indices"]
+__all__ = ["QuestPages", "select", "pq_shortlist", "with_outliers", "observation_attention", "kmeans_weights",
+           "snapkv_indices"]
 
 
 @torch.no_grad()  # a statistic of the prefill, never part of a gradient
@@ -211,8 +212,11 @@ def select(
     rerank: int = 1,
     backend: str = "auto",
     k_valid: torch.Tensor | None = None,
+    outliers: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatch to a policy. query: [B, Hkv, G, D]; lo, hi: [B]. Returns idx [B, Hkv, k] int64.
+
+    outliers: [B, Hkv, X] worst-coded positions (-1 = empty) joined to a re-ranking shortlist (`with_outliers`).
 
     k_valid: a 1-element device tensor, how many of the k slots to fill (the budget of the real context, when k is
     the slot count of a shape bucket); None fills all k. "quest" (eager only) takes the whole k."""
@@ -233,6 +237,8 @@ def select(
         # shortlist alone re-weights them and agreed less with the oracle than the codes alone
         # (kernels/log_partition.py). Tensor ops only: a compiled decode step stays one graph.
         short, log_z = pq_shortlist(query, lo, hi, k, scaling, centroids, codes, rerank, backend, k_valid)
+        if outliers is not None:
+            short = with_outliers(short, outliers)
         return kernels.rerank_topk(query, keys, short, k, scaling, backend=backend, k_valid=k_valid, log_z=log_z)
     if selection == "oracle":
         return kernels.exact_topk(query, keys, lo, hi, k, scaling, k_valid=k_valid)

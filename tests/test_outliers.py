@@ -119,6 +119,8 @@ def _layer_with_an_outlier(pool, outliers):
     layer.after_prefill(None, 1)
     q = (u * 20.0).view(1, 1, 1, d)
     out, idx = layer._rerank_decode(q, 1 / math.sqrt(d))
+    # the unfused path (token_index, what a step without the fused op and the eval probes use) selects the same
+    assert torch.equal(idx.sort(-1).values, layer.token_index(q, 1 / math.sqrt(d)).sort(-1).values)
     return layer, idx, target
 
 

@@ -29,7 +29,7 @@ from transformers.cache_utils import StaticCache, StaticLayer
 from . import kernels
 from .clustering import ClusterPool
 from .config import PQCacheConfig
-from .selection import QuestPages, pq_shortlist, select, with_outliers
+from .selection import QuestPages, pq_shortlist, select
 
 __all__ = ["PQLayer", "PQCache", "bucket_length"]
 
@@ -312,9 +312,10 @@ class PQLayer(StaticLayer):
         for i, q in enumerate(book.codes):
             lo = starts[i] + self.sink
             self.codes[i, :, lo : lo + q.shape[1]] = q.to(self.device)
-        if self.outliers is not None:
-            for i, w in enumerate(book.outliers):  # [Hkv, <= outlier_slots] positions relative to lo
-                self.outliers[i, :, : w.shape[1]] = (w + starts[i] + self.sink).to(self.device)
+        if self.outliers is not None:  # ascending, the empty (-1) slots first: what `with_outliers` searches
+            x = self.outliers.shape[-1]
+            for i, w in enumerate(book.outliers):  # [Hkv, <= outlier_slots] ascending positions relative to lo
+                self.outliers[i, :, x - w.shape[1]:] = (w + starts[i] + self.sink).to(self.device)
 
     def _code_range(self, a: int, b: int) -> None:
         """Eagerly code positions [a, b) (a multi-token step pushed them out of the window)."""
@@ -381,9 +382,7 @@ class PQLayer(StaticLayer):
         bh = q.shape[:2]
         k_valid = self.split_n[2:]
         short, log_z = pq_shortlist(q, lo, hi_b, self.topk_slots, scaling, self.centroids, self.codes,
-                                    self.cfg.rerank_factor, self.cfg.backend, k_valid)
-        if self.outliers is not None:
-            short = with_outliers(short, self.outliers)
+                                    self.cfg.rerank_factor, self.cfg.backend, k_valid, self.outliers)
         sink, local = sink[:, None].expand(*bh, -1), local[:, None].expand(*bh, -1)
         out, _, top = kernels.rerank_attention(q, self.keys, self.values, short, torch.cat([sink, local], -1),
                                                self.topk_slots, scaling, backend=self.cfg.backend, k_valid=k_valid,

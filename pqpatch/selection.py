@@ -166,34 +166,41 @@ class QuestPages:
 def with_outliers(shortlist: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
     """The shortlist extended by the worst-coded keys (`PQCacheConfig.rerank_outliers`), each position once.
 
-    shortlist: [B, Hkv, R] int64 positions, -1 = empty, any order, distinct; outliers: [B, Hkv, X] int64 positions,
-    -1 = empty, distinct. Returns [B, Hkv, R + X]: the shortlist, then the outliers it does not already hold (-1 in
-    their place). Membership by binary search in the sorted shortlist (O((R + X) log R), no [X, R] comparison);
-    tensor ops only, so a compiled step stays one graph.
+    shortlist: [B, Hkv, R] int64 positions, -1 = empty, any order, distinct; outliers: [B, Hkv, X] int64, sorted
+    ascending with the empty (-1) entries first, distinct (`PQLayer.sync` fills it so). Returns [B, Hkv, R + X]:
+    the shortlist, then the outliers it does not already hold (-1 in their place). Each shortlist entry is looked
+    up in the small sorted outlier list (O(R log X)): the shortlist itself is never sorted, since the CPU re-ranking
+    sorts what it gets anyway. Tensor ops only, so a compiled step stays one graph.
     """
-    if outliers.shape[-1] == 0 or shortlist.shape[-1] == 0:
+    x = outliers.shape[-1]
+    if x == 0 or shortlist.shape[-1] == 0:
         return torch.cat([shortlist, outliers], dim=-1)
-    ordered = shortlist.sort(dim=-1).values  # -1 entries first: they never equal an outlier position >= 0
-    at = torch.searchsorted(ordered, outliers).clamp_max(ordered.shape[-1] - 1)
-    held = torch.gather(ordered, -1, at) == outliers
+    at = torch.searchsorted(outliers, shortlist).clamp_max(x - 1)  # [B, Hkv, R]
+    hit = (torch.gather(outliers, -1, at) == shortlist) & (shortlist >= 0)
+    held = torch.zeros_like(outliers).scatter_add_(-1, at, hit.long()) > 0  # several entries may share one `at`
     return torch.cat([shortlist, torch.where(held, -1, outliers)], dim=-1)
 
 
 def pq_shortlist(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int, scaling: float,
                  centroids: torch.Tensor, codes: torch.Tensor, rerank: int, backend: str = "auto",
-                 k_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 k_valid: torch.Tensor | None = None,
+                 outliers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The PQ shortlist of exact re-ranking and the per-head normaliser it is re-scored with.
 
     query: [B, Hkv, G, D]; lo, hi: [B]; centroids, codes: the layer's codebook (PQ or residual); k_valid: optional
     1-element device tensor, how many of the k slots the re-ranking fills (the shortlist fills rerank times as many).
     Returns (shortlist [B, Hkv, rerank * k] int64 positions, -1 = empty; log_z [B, Hkv, G] float32, each head's
     log-partition over all candidates through the codes, the same q as the PQ scoring). One op
-    (`kernels.pq_shortlist`): both run over every candidate's codes, and it makes that pass once."""
+    (`kernels.pq_shortlist`): both run over every candidate's codes, and it makes that pass once.
+    outliers: optional [B, Hkv, X] worst-coded positions (`with_outliers`) appended to the shortlist."""
     q = query
     if is_residual(query.shape[-1], centroids):
         q = residual_query(query, centroids.shape[2])
-    return kernels.pq_shortlist(q, centroids, codes, lo, hi, rerank * k, scaling, backend=backend,
-                                k_valid=None if k_valid is None else k_valid * rerank)
+    short, log_z = kernels.pq_shortlist(q, centroids, codes, lo, hi, rerank * k, scaling, backend=backend,
+                                        k_valid=None if k_valid is None else k_valid * rerank)
+    if outliers is not None:
+        short = with_outliers(short, outliers)
+    return short, log_z
 
 
 def select(
@@ -236,9 +243,7 @@ def select(
         # q as the PQ scoring), so the heads keep the weights the group rule gives them; a softmax over the
         # shortlist alone re-weights them and agreed less with the oracle than the codes alone
         # (kernels/log_partition.py). Tensor ops only: a compiled decode step stays one graph.
-        short, log_z = pq_shortlist(query, lo, hi, k, scaling, centroids, codes, rerank, backend, k_valid)
-        if outliers is not None:
-            short = with_outliers(short, outliers)
+        short, log_z = pq_shortlist(query, lo, hi, k, scaling, centroids, codes, rerank, backend, k_valid, outliers)
         return kernels.rerank_topk(query, keys, short, k, scaling, backend=backend, k_valid=k_valid, log_z=log_z)
     if selection == "oracle":
         return kernels.exact_topk(query, keys, lo, hi, k, scaling, k_valid=k_valid)

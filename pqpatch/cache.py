@@ -100,6 +100,12 @@ class PQLayer(StaticLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         dev = self.device
+        if dev.type == "cpu":  # a sparse step gathers scattered rows: huge pages spare a TLB miss per row
+            self.keys = self._zeros(tuple(self.keys.shape), self.keys.dtype)
+            self.values = self._zeros(tuple(self.values.shape), self.values.dtype)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.keys)
+                torch._dynamo.mark_static_address(self.values)
         b = key_states.shape[0]
         self.start = torch.zeros(b, dtype=torch.long, device=dev)
         # the split of the real context, as device scalars: read by the decode step, never guarded on
@@ -107,6 +113,14 @@ class PQLayer(StaticLayer):
         if not torch.compiler.is_compiling():
             torch._dynamo.mark_static_address(self.start)
             torch._dynamo.mark_static_address(self.split_n)
+
+    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A zero K/V buffer on this layer's device; on CPU backed by transparent huge pages (`hugepages`)."""
+        if self.device.type == "cpu":
+            from . import hugepages
+
+            return hugepages.zeros(shape, dtype)
+        return torch.zeros(shape, dtype=dtype, device=self.device)
 
     def reset(self) -> None:
         super().reset()
@@ -162,7 +176,8 @@ class PQLayer(StaticLayer):
                 old = getattr(self, name)
                 if old is None:
                     continue
-                new = old.new_zeros((*old.shape[:2], max_cache_len, *old.shape[3:]))
+                shape = (*old.shape[:2], max_cache_len, *old.shape[3:])
+                new = self._zeros(shape, old.dtype) if name != "codes" else old.new_zeros(shape)
                 new[:, :, :n] = old[:, :, :n]
                 torch._dynamo.mark_static_address(new)
                 setattr(self, name, new)

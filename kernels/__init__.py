@@ -188,12 +188,16 @@ def pq_log_partition(query, centroids, codes, lo, hi, scaling: float, backend: s
 
 
 def pq_shortlist(query, centroids, codes, lo, hi, k: int, scaling: float, backend: str = "auto",
-                 k_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 k_valid: torch.Tensor | None = None,
+                 outliers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`pq_topk` and `pq_log_partition` of the same inputs as one op: what a decode step with exact re-ranking needs
     (the shortlist, and each head's log-partition to normalise its exact logits by; `selection.pq_shortlist`).
 
-    Arguments as `pq_topk` (k: the shortlist's slots, k_valid: how many of them to fill). Returns (idx [B, Hkv, k]
-    int64, as `pq_topk` on this backend, order included; log_z [B, Hkv, G] float32, as `pq_log_partition`, -inf for
+    Arguments as `pq_topk` (k: the shortlist's slots, k_valid: how many of them to fill); outliers: optional
+    [B, Hkv, X] int64 positions (ascending, -1 = empty first; `PQCacheConfig.rerank_outliers`) that join the top-k,
+    each position once, those outside [lo, hi) dropped. Returns (idx [B, Hkv, k (+ X)] int64, as `pq_topk` on this
+    backend, order included, then the outliers it lacks as `quality.with_outliers` appends them ("cpu": the union
+    in ascending order, then -1: merged into the selection mask, so the re-ranking gets sorted rows); log_z [B, Hkv, G] float32, as `pq_log_partition`, -inf for
     a sequence without candidates). Shapes, dtypes and devices are checked (ValueError) on every backend.
 
     Why one op: both run over every candidate's codes, and the per-token pass is shared. "cpu"
@@ -206,4 +210,4 @@ def pq_shortlist(query, centroids, codes, lo, hi, k: int, scaling: float, backen
     log-partition now ~0.5 ms on top of the top-k (`benchmarks/bench_log_partition.py`, shared 2-core machine).
     """
     return _ops.pq_shortlist_op(query, centroids, codes, lo, hi, int(k), float(scaling),
-                                _checked(backend, query.device), k_valid)
+                                _checked(backend, query.device), k_valid, outliers)

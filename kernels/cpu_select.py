@@ -106,10 +106,12 @@ def uses_code_table(m: int, kc: int, g: int, n: int) -> bool:
     return m <= 2 and (256 * kc if m == 2 else kc) <= 2 * g * n
 
 
-def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | None = None) -> torch.Tensor:
+def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | None = None,
+            extra: torch.Tensor | None = None) -> torch.Tensor:
     """lut: [Hkv, m, G, K] float32; codes: [Hkv, n, m] uint8; 0 < kk < n. Returns [Hkv, kk] int64 (0-based).
     hist: the codes' `joint_codes`, when the caller already built it (`cpu_shortlist`); None builds it here if the
-    code table is used."""
+    code table is used. extra: optional [Hkv, X] int64 positions in [0, n) (-1 = none) joined to the selection
+    (`_emit`): then [Hkv, kk + X], ascending, -1 after."""
     h, m, g, kc = lut.shape
     n = codes.shape[1]
     use_table = uses_code_table(m, kc, g, n)
@@ -119,16 +121,17 @@ def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | 
         found = _code_scores(lut, codes, hist=hist)
         if found is not None:
             table, _, joint, _ = found
-            pos = _select_tokens(hist.spread(table).index_select(0, joint).view(h, n), kk, min_thr=_LOW32)
+            pos = _select_tokens(hist.spread(table).index_select(0, joint).view(h, n), kk, min_thr=_LOW32,
+                                 extra=extra)
             if pos is not None:
                 return pos
         # a denominator or the threshold fell where float32 underflows: the float64 table below
     found = _code_scores(lut, codes, wide=True, hist=hist) if use_table else None
     if found is None:
-        return _select_tokens(_token_scores(lut, codes), kk)
+        return _select_tokens(_token_scores(lut, codes), kk, extra=extra)
     table, counts, joint, _ = found  # [Hkv, R, K] float32 / float64 scores and counts, [Hkv * n] int32
     if table[0].numel() >= n:
-        return _select_tokens(hist.spread(table).index_select(0, joint).view(h, n), kk)
+        return _select_tokens(hist.spread(table).index_select(0, joint).view(h, n), kk, extra=extra)
     # fewer codes than tokens: search the code table, weighted by code counts
     tab_keys = table.view(torch.int32)
     thr, need = radix_threshold(tab_keys.reshape(h, -1), counts.reshape(h, -1), kk)
@@ -138,15 +141,41 @@ def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | 
     above, tie = cls == 2, cls == 1
     # ties at the threshold: the first `need` of them in position order
     tie &= tie.cumsum(-1, dtype=torch.int32) <= need[:, None]
-    pos = above.logical_or_(tie).nonzero()[:, 1]
-    if pos.numel() != h * kk:  # cannot happen unless the scores are NaN
-        raise RuntimeError(f"pq_topk_cpu selected {pos.numel()} tokens for {h} x {kk} slots (NaN scores?)")
-    return pos.view(h, kk)
+    return _emit(above.logical_or_(tie), kk, extra)
 
 
-def _select_tokens(scores: torch.Tensor, kk: int, min_thr: float | None = None) -> torch.Tensor | None:
+def _emit(keep: torch.Tensor, kk: int, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """The positions a selection mask keeps, in ascending order (one `nonzero`).
+
+    keep: [Hkv, n] bool with exactly kk entries per row (else RuntimeError: only NaN scores could do that); it is
+    written to when extra is given. extra: optional [Hkv, X] int64 positions in [0, n), -1 = none (the outliers of
+    `pq_shortlist`): set in the mask first, so the union comes out ascending with each position once, no sort or
+    search. Returns [Hkv, kk] int64, or with extra [Hkv, kk + X]: each row's positions, then -1.
+    """
+    h, n = keep.shape
+    if extra is None:
+        pos = keep.nonzero()[:, 1]
+        if pos.numel() != h * kk:  # cannot happen unless the scores are NaN
+            raise RuntimeError(f"pq_topk_cpu selected {pos.numel()} tokens for {h} x {kk} slots (NaN scores?)")
+        return pos.view(h, kk)
+    got = int(keep.sum())
+    if got != h * kk:
+        raise RuntimeError(f"pq_topk_cpu selected {got} tokens for {h} x {kk} slots (NaN scores?)")
+    x = extra.shape[1]
+    ok = extra >= 0
+    keep[torch.arange(h).view(h, 1).expand(h, x)[ok], extra[ok]] = True
+    count = keep.sum(-1)  # [Hkv] kk + the extra positions not already kept
+    nz = keep.nonzero()  # [total, 2] row-major: each row's positions ascending
+    col = torch.arange(nz.shape[0]) - (count.cumsum(0) - count).repeat_interleave(count)  # slot within its row
+    out = torch.full((h, kk + x), -1, dtype=torch.int64)
+    out[nz[:, 0], col] = nz[:, 1]
+    return out
+
+
+def _select_tokens(scores: torch.Tensor, kk: int, min_thr: float | None = None,
+                   extra: torch.Tensor | None = None) -> torch.Tensor | None:
     """The kk best of n per-token scores, ties to the earliest positions. scores: [Hkv, n] float32, non-negative
-    (no NaN); 0 < kk < n. Returns [Hkv, kk] int64 positions in ascending order.
+    (no NaN); 0 < kk < n. Returns [Hkv, kk] int64 positions in ascending order (with extra: `_emit`'s union).
 
     The threshold (the kk-th largest score) comes from `torch.topk`'s values, which on CPU is ~2x cheaper than
     the three bincount passes of `radix_threshold` over a token list; the positions are then taken in position
@@ -163,10 +192,7 @@ def _select_tokens(scores: torch.Tensor, kk: int, min_thr: float | None = None) 
         tie = keep.logical_xor_(above)
         need = kk - above.sum(dim=-1, keepdim=True)
         keep = above.logical_or_(tie & (tie.cumsum(-1, dtype=torch.int32) <= need))
-    pos = keep.nonzero()[:, 1]
-    if pos.numel() != h * kk:  # cannot happen unless the scores are NaN
-        raise RuntimeError(f"pq_topk_cpu selected {pos.numel()} tokens for {h} x {kk} slots (NaN scores?)")
-    return pos.view(h, kk)
+    return _emit(keep, kk, extra)
 
 
 def pq_lut(query: torch.Tensor, centroids: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_select import _check_inputs, _select, joint_codes, pq_lut, pq_topk_cpu
+from .cpu_select import _check_inputs, _emit, _select, joint_codes, pq_lut, pq_topk_cpu
 from .log_partition import log_partition_ref, log_z_factors, log_z_from_counts
 
 __all__ = ["pq_shortlist_cpu"]
@@ -26,7 +26,8 @@ __all__ = ["pq_shortlist_cpu"]
 
 def pq_shortlist_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor,
                      hi: torch.Tensor, k: int, scaling: float,
-                     k_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     k_valid: torch.Tensor | None = None,
+                     outliers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The PQ top-k and the per-head log-partition of the same candidates, from one histogram.
 
     query: [B, Hkv, G, D] float; centroids: [B, Hkv, m, K, Ds] float (m * Ds = D, K <= 256); codes: [B, Hkv, N, m]
@@ -40,11 +41,13 @@ def pq_shortlist_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.
     m, kc, _ = centroids.shape[2:]
     n = codes.shape[2]
     kk = k if k_valid is None else max(0, min(int(k_valid), k))  # a CPU tensor: reading it costs no device sync
+    x = 0 if outliers is None else outliers.shape[-1]
     if m > 2:
-        idx = pq_topk_cpu(query, centroids, codes, lo, hi, kk, scaling)
-        return (torch.nn.functional.pad(idx, (0, k - kk), value=-1),
-                log_partition_ref(query, centroids, codes, lo, hi, scaling))
-    out = torch.full((b, h, k), -1, dtype=torch.int64)
+        idx = torch.nn.functional.pad(pq_topk_cpu(query, centroids, codes, lo, hi, kk, scaling), (0, k - kk), value=-1)
+        if x:
+            idx = _union_rows(idx, outliers, lo, hi, n)
+        return idx, log_partition_ref(query, centroids, codes, lo, hi, scaling)
+    out = torch.full((b, h, k + x), -1, dtype=torch.int64)
     log_z = torch.full((b, h, g), float("-inf"))
     if n == 0:
         return out, log_z
@@ -58,10 +61,41 @@ def pq_shortlist_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.
         hist = joint_codes(c, kc)  # the one per-token pass over this sequence's codes
         log_z[bi] = log_z_from_counts(ex[bi], shift[bi], hist.counts(torch.float64))
         kb = min(kk, e - a)
-        if kb == 0:
-            continue
-        if kb == e - a:  # every candidate fits: no scoring needed
+        extra = None if x == 0 else _relative(outliers[bi], a, e)
+        if kb == e - a:  # every candidate fits (outliers included): no scoring needed
             out[bi, :, :kb] = torch.arange(a, e)
             continue
-        out[bi, :, :kb] = _select(lut[bi], c, kb, hist).add_(a)
+        if kb == 0:
+            if extra is not None:  # nothing selected: the outliers alone
+                pos = _emit(torch.zeros(h, e - a, dtype=torch.bool), 0, extra)
+                out[bi, :, :x] = torch.where(pos >= 0, pos + a, -1)
+            continue
+        pos = _select(lut[bi], c, kb, hist, extra)  # [Hkv, kb (+ X)] relative positions, -1 after
+        out[bi, :, :pos.shape[1]] = pos.add_(a) if extra is None else torch.where(pos >= 0, pos + a, -1)
     return out, log_z
+
+
+def _relative(outliers: torch.Tensor, a: int, e: int) -> torch.Tensor:
+    """[Hkv, X] outlier positions of one sequence -> positions relative to its first candidate a, -1 for an empty
+    entry and for one outside the candidates [a, e)."""
+    return torch.where((outliers >= a) & (outliers < e), outliers - a, -1)
+
+
+def _union_rows(idx: torch.Tensor, outliers: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:
+    """idx [B, Hkv, k] (ascending positions, then -1) joined with outliers [B, Hkv, X]: [B, Hkv, k + X] ascending,
+    then -1 (the m > 2 path, which has no selection mask of its own to merge into)."""
+    b, h, k = idx.shape
+    x = outliers.shape[-1]
+    out = torch.full((b, h, k + x), -1, dtype=torch.int64)
+    for bi, (a, e) in enumerate(zip(lo.tolist(), hi.tolist())):
+        a, e = max(0, int(a)), min(n, int(e))
+        if e <= a:
+            continue
+        keep = torch.zeros(h, e - a, dtype=torch.bool)
+        sel = idx[bi]
+        ok = sel >= 0  # the same count in every row: min(k_valid, k, e - a)
+        keep[torch.arange(h).view(h, 1).expand_as(sel)[ok], (sel - a)[ok]] = True
+        kb = int(ok.sum(-1)[0]) if h else 0
+        pos = _emit(keep, kb, _relative(outliers[bi], a, e))
+        out[bi, :, :pos.shape[1]] = torch.where(pos >= 0, pos + a, -1)
+    return out

@@ -8,8 +8,9 @@ op as one opaque node with a known output shape instead of tracing into Triton l
     torch.ops.pqpatch.rerank_topk(query, keys, shortlist, k, scaling, backend, k_valid, log_z)
         -> idx [B, Hkv, k] int64
     torch.ops.pqpatch.pq_log_partition(query, centroids, codes, lo, hi, scaling, backend) -> log_z [B, Hkv, G] float32
-    torch.ops.pqpatch.pq_shortlist(query, centroids, codes, lo, hi, k, scaling, backend, k_valid)
-        -> (idx [B, Hkv, k] int64, log_z [B, Hkv, G] float32): pq_topk and pq_log_partition of the same inputs
+    torch.ops.pqpatch.pq_shortlist(query, centroids, codes, lo, hi, k, scaling, backend, k_valid, outliers)
+        -> (idx [B, Hkv, k + X] int64, log_z [B, Hkv, G] float32): pq_topk and pq_log_partition of the same
+        inputs, with the X optional outliers joined to the top-k
 
 `backend` is already resolved ("torch", "cpu" or "triton", see `kernels.resolve_backend`); "torch" runs
 `kernels.reference` (`kernels.quality` for rerank_topk, `kernels.log_partition` for pq_log_partition), "cpu" the CPU
@@ -146,25 +147,44 @@ def _(query, centroids, codes, lo, hi, scaling, backend):
 
 @torch.library.custom_op("pqpatch::pq_shortlist", mutates_args=())
 def pq_shortlist_op(query: Tensor, centroids: Tensor, codes: Tensor, lo: Tensor, hi: Tensor, k: int, scaling: float,
-                    backend: str, k_valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """(idx [B, Hkv, k] int64, log_z [B, Hkv, G] float32): `pq_topk_op` and `pq_log_partition_op` of the same inputs,
-    sharing their per-token pass over the codes ("cpu": one joint-code histogram, `cpu_shortlist`; "triton": the
-    top-k's softmax-statistics partials; "torch": the two references)."""
+                    backend: str, k_valid: Optional[Tensor] = None,
+                    outliers: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(idx [B, Hkv, k + X] int64, log_z [B, Hkv, G] float32): `pq_topk_op` and `pq_log_partition_op` of the same
+    inputs, sharing their per-token pass over the codes ("cpu": one joint-code histogram, `cpu_shortlist`; "triton":
+    the top-k's softmax-statistics partials; "torch": the two references). outliers: optional [B, Hkv, X] positions
+    joined to the top-k (`quality.with_outliers`; "cpu" merges them into its selection mask: ascending output)."""
     _check_backend(backend)
     check_log_partition_inputs(query, centroids, codes, lo, hi)  # every backend, as pq_log_partition
     _check_k(k, k_valid, query.device)
-    if backend == "triton":
-        return _triton().pq_shortlist_triton(query, centroids, codes, lo, hi, k, scaling, k_valid=k_valid)
+    _check_outliers(outliers, query)
     if backend == "cpu":
-        return pq_shortlist_cpu(query, centroids, codes, lo, hi, k, scaling, k_valid)
-    return (ref.pq_topk_ref(query, centroids, codes, lo, hi, k, scaling, k_valid).contiguous(),
-            log_partition_ref(query, centroids, codes, lo, hi, scaling).contiguous())
+        return pq_shortlist_cpu(query, centroids, codes, lo, hi, k, scaling, k_valid, outliers)
+    if backend == "triton":
+        idx, log_z = _triton().pq_shortlist_triton(query, centroids, codes, lo, hi, k, scaling, k_valid=k_valid)
+    else:
+        idx = ref.pq_topk_ref(query, centroids, codes, lo, hi, k, scaling, k_valid).contiguous()
+        log_z = log_partition_ref(query, centroids, codes, lo, hi, scaling).contiguous()
+    if outliers is not None:
+        idx = quality.with_outliers(idx, outliers, lo, hi)
+    return idx, log_z
 
 
 @pq_shortlist_op.register_fake
-def _(query, centroids, codes, lo, hi, k, scaling, backend, k_valid=None):
+def _(query, centroids, codes, lo, hi, k, scaling, backend, k_valid=None, outliers=None):
     b, h, g, _ = query.shape
-    return query.new_empty((b, h, k), dtype=torch.int64), query.new_empty((b, h, g), dtype=torch.float32)
+    x = 0 if outliers is None else outliers.shape[-1]
+    return query.new_empty((b, h, k + x), dtype=torch.int64), query.new_empty((b, h, g), dtype=torch.float32)
+
+
+def _check_outliers(outliers: Optional[Tensor], query: Tensor) -> None:
+    """None, or int64 [B, Hkv, X] on the query's device (ValueError; the values are not read)."""
+    if outliers is None:
+        return
+    if (outliers.dim() != 3 or tuple(outliers.shape[:2]) != tuple(query.shape[:2]) or outliers.dtype != torch.int64
+            or outliers.device != query.device):
+        raise ValueError(f"outliers must be int64 [B, Hkv, X] = [{query.shape[0]}, {query.shape[1]}, X] on "
+                         f"{query.device} (ascending, -1 = empty first), got {outliers.dtype} "
+                         f"{tuple(outliers.shape)} on {outliers.device}")
 
 
 def _check_k(k: int, k_valid: Optional[Tensor], device: torch.device) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["is_residual", "residual_query", "rq_assign_ref", "rq_reconstruct_ref", "rerank_exact_ref",
+__all__ = ["with_outliers", "is_residual", "residual_query", "rq_assign_ref", "rq_reconstruct_ref", "rerank_exact_ref",
            "rerank_keep_best", "check_rerank_inputs"]
 
 
@@ -162,3 +162,27 @@ def rerank_exact_ref(
         score = (p / p.sum(-1, keepdim=True).clamp_min(1e-30)).sum(2)  # [B, Hkv, R]: the GQA rule
     score = score.masked_fill(~valid, float("-inf"))
     return rerank_keep_best(score, shortlist, k, k_valid)
+
+
+def with_outliers(shortlist: torch.Tensor, outliers: torch.Tensor, lo: torch.Tensor | None = None,
+                  hi: torch.Tensor | None = None) -> torch.Tensor:
+    """The shortlist extended by the worst-coded keys (`PQCacheConfig.rerank_outliers`), each position once.
+
+    shortlist: [B, Hkv, R] int64 positions, -1 = empty, any order, distinct; outliers: [B, Hkv, X] int64, sorted
+    ascending with the empty (-1) entries first, distinct (`PQLayer.sync` fills it so); lo, hi: optional [B]
+    candidate bounds, outliers outside lo[b] <= n < hi[b] are dropped. Returns [B, Hkv, R + X]: the shortlist, then
+    the outliers it does not already hold (-1 in their place). Each shortlist entry is looked up in the small
+    sorted outlier list (O(R log X)); the shortlist itself is never sorted. Tensor ops only, so a compiled step
+    stays one graph. The reference of `kernels.pq_shortlist`'s `outliers` argument (whose "cpu" backend merges
+    them into its selection mask instead, giving the same set in ascending order).
+    """
+    x = outliers.shape[-1]
+    if lo is not None:  # only candidates join (the fixed sink and window slots must stay disjoint from them)
+        inside = (outliers >= lo.view(-1, 1, 1)) & (outliers < hi.view(-1, 1, 1))
+        outliers = torch.where(inside, outliers, -1).sort(-1).values  # X is small: the -1 entries first again
+    if x == 0 or shortlist.shape[-1] == 0:
+        return torch.cat([shortlist, outliers], dim=-1)
+    at = torch.searchsorted(outliers, shortlist).clamp_max(x - 1)  # [B, Hkv, R]
+    hit = (torch.gather(outliers, -1, at) == shortlist) & (shortlist >= 0)
+    held = torch.zeros_like(outliers).scatter_add_(-1, at, hit.long()) > 0  # several entries may share one `at`
+    return torch.cat([shortlist, torch.where(held, -1, outliers)], dim=-1)

@@ -23,7 +23,7 @@ import math
 import torch
 
 from . import kernels
-from .kernels.quality import is_residual, residual_query
+from .kernels.quality import is_residual, residual_query, with_outliers
 from .kernels.reference import group_softmax_scores
 
 __all__ = ["QuestPages", "select", "pq_shortlist", "with_outliers", "observation_attention", "kmeans_weights",
@@ -163,24 +163,6 @@ class QuestPages:
         return tok
 
 
-def with_outliers(shortlist: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
-    """The shortlist extended by the worst-coded keys (`PQCacheConfig.rerank_outliers`), each position once.
-
-    shortlist: [B, Hkv, R] int64 positions, -1 = empty, any order, distinct; outliers: [B, Hkv, X] int64, sorted
-    ascending with the empty (-1) entries first, distinct (`PQLayer.sync` fills it so). Returns [B, Hkv, R + X]:
-    the shortlist, then the outliers it does not already hold (-1 in their place). Each shortlist entry is looked
-    up in the small sorted outlier list (O(R log X)): the shortlist itself is never sorted, since the CPU re-ranking
-    sorts what it gets anyway. Tensor ops only, so a compiled step stays one graph.
-    """
-    x = outliers.shape[-1]
-    if x == 0 or shortlist.shape[-1] == 0:
-        return torch.cat([shortlist, outliers], dim=-1)
-    at = torch.searchsorted(outliers, shortlist).clamp_max(x - 1)  # [B, Hkv, R]
-    hit = (torch.gather(outliers, -1, at) == shortlist) & (shortlist >= 0)
-    held = torch.zeros_like(outliers).scatter_add_(-1, at, hit.long()) > 0  # several entries may share one `at`
-    return torch.cat([shortlist, torch.where(held, -1, outliers)], dim=-1)
-
-
 def pq_shortlist(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int, scaling: float,
                  centroids: torch.Tensor, codes: torch.Tensor, rerank: int, backend: str = "auto",
                  k_valid: torch.Tensor | None = None,
@@ -189,18 +171,16 @@ def pq_shortlist(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int
 
     query: [B, Hkv, G, D]; lo, hi: [B]; centroids, codes: the layer's codebook (PQ or residual); k_valid: optional
     1-element device tensor, how many of the k slots the re-ranking fills (the shortlist fills rerank times as many).
-    Returns (shortlist [B, Hkv, rerank * k] int64 positions, -1 = empty; log_z [B, Hkv, G] float32, each head's
+    Returns (shortlist [B, Hkv, rerank * k (+ X)] int64 positions, -1 = empty; log_z [B, Hkv, G] float32, each head's
     log-partition over all candidates through the codes, the same q as the PQ scoring). One op
     (`kernels.pq_shortlist`): both run over every candidate's codes, and it makes that pass once.
-    outliers: optional [B, Hkv, X] worst-coded positions (`with_outliers`) appended to the shortlist."""
+    outliers: optional [B, Hkv, X] worst-coded positions joined to the shortlist inside the op (`with_outliers`'s
+    union; the shortlist then has rerank * k + X slots)."""
     q = query
     if is_residual(query.shape[-1], centroids):
         q = residual_query(query, centroids.shape[2])
-    short, log_z = kernels.pq_shortlist(q, centroids, codes, lo, hi, rerank * k, scaling, backend=backend,
-                                        k_valid=None if k_valid is None else k_valid * rerank)
-    if outliers is not None:
-        short = with_outliers(short, outliers)
-    return short, log_z
+    return kernels.pq_shortlist(q, centroids, codes, lo, hi, rerank * k, scaling, backend=backend,
+                                k_valid=None if k_valid is None else k_valid * rerank, outliers=outliers)
 
 
 def select(

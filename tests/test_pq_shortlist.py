@@ -46,13 +46,14 @@ def _inputs(seed, hkv, g, d, m, bits, n, ranges, b=2):
     return q, c, codes, torch.tensor(lo[:b]), torch.tensor(hi[:b])
 
 
-def _run(backend, *args, k_valid=None):
+def _run(backend, *args, k_valid=None, outliers=None):
     if backend == "triton":
         pytest.importorskip("triton")
         idx, log_z = kernels.pq_shortlist(*(t.to(DEV) for t in args[:5]), *args[5:], backend=backend,
-                                          k_valid=None if k_valid is None else k_valid.to(DEV))
+                                          k_valid=None if k_valid is None else k_valid.to(DEV),
+                                          outliers=None if outliers is None else outliers.to(DEV))
         return idx.cpu(), log_z.cpu()
-    return kernels.pq_shortlist(*args, backend=backend, k_valid=k_valid)
+    return kernels.pq_shortlist(*args, backend=backend, k_valid=k_valid, outliers=outliers)
 
 
 def check_against_references(backend, idx, log_z, q, c, codes, lo, hi, k, scaling, k_valid):
@@ -294,8 +295,11 @@ def test_compiled_fullgraph(backend):
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_opcheck(backend):
     q, c, codes, lo, hi = _inputs(6, 2, 4, 64, 2, 4, 120, "inner")
+    outl = torch.tensor([-1, 5, 9, 60]).expand(2, 2, 4).contiguous()
     for kv in (None, torch.tensor([7])):
-        torch.library.opcheck(torch.ops.pqpatch.pq_shortlist.default, (q, c, codes, lo, hi, 24, 0.125, backend, kv))
+        for o in (None, outl):
+            torch.library.opcheck(torch.ops.pqpatch.pq_shortlist.default,
+                                  (q, c, codes, lo, hi, 24, 0.125, backend, kv, o))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -314,7 +318,84 @@ def test_bad_inputs_raise_clear_value_errors(backend):
         ((q, c, codes, lo, hi, -1), {}, "k must be"),
         ((q, c, codes, lo, hi, 5), {"k_valid": torch.tensor([1, 2])}, "k_valid must be"),
         ((q, c, codes, lo, hi, 5), {"k_valid": torch.tensor([1.0])}, "k_valid must be"),
+        ((q, c, codes, lo, hi, 5), {"outliers": torch.zeros(2, 2, 3, dtype=torch.int32)}, "outliers must be"),
+        ((q, c, codes, lo, hi, 5), {"outliers": torch.zeros(2, 3, dtype=torch.int64)}, "outliers must be"),
     ]
     for args, kw, match in bad:
         with pytest.raises(ValueError, match=match):
             _run(backend, *args, 0.125, **kw)
+
+
+def _outliers(seed, b, h, n, x, idx):
+    """[b, h, x] ascending outlier positions, -1 first: about half drawn from idx's selection (already shortlisted),
+    the rest anywhere in [0, n + 3) (some outside the candidates, some beyond N), a fifth empty."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for row in idx.reshape(b * h, -1):
+        sel = row[row >= 0]
+        held = sel[torch.randperm(sel.numel(), generator=gen)[: x // 2]]
+        other = torch.randperm(n + 3, generator=gen)
+        other = other[~torch.isin(other, held)][: x - held.numel()]
+        o = torch.cat([held, other])
+        o[torch.rand(o.numel(), generator=gen) < 0.2] = -1
+        rows.append(torch.nn.functional.pad(o, (0, x - o.numel()), value=-1).sort().values)
+    return torch.stack(rows).view(b, h, x)
+
+
+OUTLIER_CASES = CASES[1:4] + CASES[5:] + CPU_TABLE_CASES[:2] + [(2, 4, 64, 4, 6, 97, 20, "inner", None)]  # m = 4: the
+# path without a selection mask of its own
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x", [1, 17])
+@pytest.mark.parametrize("case", OUTLIER_CASES, ids=lambda c: "h{}g{}d{}m{}b{}n{}k{}{}kv{}".format(*c))
+def test_pq_shortlist_outliers_join_the_selection(backend, case, x):
+    """With outliers, every backend returns the op's selection without them plus the outliers inside [lo, hi),
+    each position once, then -1 ([B, Hkv, k + X]); "cpu" in ascending order (its re-ranking then needs no sort),
+    "torch"/"triton" the selection first, as `quality.with_outliers` appends. log_z is unchanged."""
+    if backend == "triton" and case[3] > 2:
+        pytest.skip("the Triton top-k takes m <= 2")
+    hkv, g, d, m, bits, n, k, ranges, kv = case
+    q, c, codes, lo, hi = _inputs(x + n + m, hkv, g, d, m, bits, n, ranges)
+    k_valid = None if kv is None else torch.tensor([kv])
+    scaling = 1.0 / math.sqrt(d)
+    base, base_z = _run(backend, q, c, codes, lo, hi, k, scaling, k_valid=k_valid)
+    outl = _outliers(x + k, q.shape[0], hkv, n, x, base)
+    idx, log_z = _run(backend, q, c, codes, lo, hi, k, scaling, k_valid=k_valid, outliers=outl)
+    assert torch.equal(log_z, base_z)
+    assert idx.shape == (q.shape[0], hkv, k + x) and idx.dtype == torch.int64
+    for bi in range(q.shape[0]):
+        for hh in range(hkv):
+            row = idx[bi, hh]
+            got = row[row >= 0]
+            assert got.unique().numel() == got.numel(), "a position listed twice"
+            inside = [p for p in outl[bi, hh].tolist() if max(0, int(lo[bi])) <= p < int(hi[bi])]
+            want = set(base[bi, hh][base[bi, hh] >= 0].tolist()) | set(inside)
+            assert set(got.tolist()) == want
+            if backend == "cpu":
+                assert bool((row[got.numel():] == -1).all()), "cpu: the empty slots come last"
+                assert torch.equal(got, got.sort().values), "cpu: ascending"
+            else:  # the k slots as without outliers, then the X outlier slots
+                assert torch.equal(row[:k], base[bi, hh]), "the selection first, as it was"
+                assert set(row[k:].tolist()) <= set(inside) | {-1}
+
+
+def test_outliers_do_not_add_a_sort_to_the_cpu_reranking(monkeypatch):
+    """The cpu shortlist with outliers is ascending then -1: `rerank_topk_cpu` reads it as it is (no sort call),
+    where the same set as `with_outliers` lays it out (outliers appended) is sorted first."""
+    from pqpatch.kernels import cpu_rerank
+    from pqpatch.kernels.quality import with_outliers
+
+    q, c, codes, lo, hi = _inputs(4, 2, 4, 64, 2, 6, 3000, "ragged")
+    base, _ = kernels.pq_shortlist(q, c, codes, lo, hi, 300, 0.125, backend="cpu")
+    outl = _outliers(9, 2, 2, 3000, 17, base)
+    short, log_z = kernels.pq_shortlist(q, c, codes, lo, hi, 300, 0.125, backend="cpu", outliers=outl)
+    keys = torch.randn(2, 2, 3000, 64, generator=torch.Generator().manual_seed(1))
+    sorts = []
+    real = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **kw: sorts.append(1) or real(self, *a, **kw))
+    top = cpu_rerank.rerank_topk_cpu(q, keys, short, 150, 0.125, log_z=log_z)
+    assert not sorts
+    appended = with_outliers(base, outl, lo, hi)
+    assert torch.equal(cpu_rerank.rerank_topk_cpu(q, keys, appended, 150, 0.125, log_z=log_z), top)
+    assert sorts, "the appended layout is not ascending: it is sorted first"

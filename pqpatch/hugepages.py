@@ -3,8 +3,8 @@
 Why: a sparse decode step reads a few thousand scattered 256-512 byte rows per KV head out of a buffer of hundreds
 of MB. With 4 KiB pages nearly every row costs a TLB miss (in a virtual machine, a two-level page walk); 2 MiB pages
 cover the buffer with ~100 TLB entries. On the 2-core CI machine (AMD EPYC VM, THP "madvise") the gather of 1/5 of
-a 32K x 8 x 128 float32 cache by `index_select` went from 4.9-5.1 ms to 3.6-3.8 ms and a contiguous read of it got
-~2x faster (`python benchmarks/bench_hugepages.py`).
+a 32K x 8 x 128 float32 cache by `index_select` takes 3.8-4.0 ms instead of 4.8-4.9 ms, and a contiguous read of
+the same bytes 0.85 ms instead of 1.2-1.5 ms (`python benchmarks/bench_hugepages.py`, two runs).
 
 How: an anonymous `mmap` (zero-filled by the kernel, untouched until written), 2 MiB-aligned inside an over-sized
 mapping, `madvise(MADV_HUGEPAGE)` before the first touch, wrapped with `torch.frombuffer` (which keeps the mapping

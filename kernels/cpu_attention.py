@@ -9,6 +9,9 @@ Why it is fast on CPU (plain ATen ops):
   * The rows of all B * Hkv heads are gathered chunk by chunk (one `index_select` per chunk over the flattened
     [B * Hkv * N, D] cache) into a per-thread workspace that is reused across calls, so no fresh pages are
     faulted in on every step and a chunk is still in cache when the batched matmul reads it.
+  * bfloat16/float16 caches: a run of consecutive positions that every row lists in the same slots (the recent
+    window of a decode step: the same positions for every head) is widened straight from the cache, not gathered
+    first (`_common_run`, `_slab`): 3.75 vs 4.2 ms for the 3.3K-token window of a 32K step, Llama-3-8B layer.
   * Two passes, keys then values, with the logits of all slots kept (they are small: [B * Hkv, G, S] floats), so
     the softmax is computed once and exactly instead of merged chunk by chunk.
   * bfloat16/float16 caches are gathered in their own dtype (half the bytes) and widened to float32 in the cached
@@ -26,6 +29,7 @@ __all__ = ["sparse_decode_attention_cpu"]
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK_BYTES = 1 << 21  # float32 bytes of one gathered chunk (all heads): fits the L2 + L3 share of one core
 _MAX_DESCENTS = 16  # per row: more steps back than this and the rows are sorted before they are read
+_MIN_RUN = 256  # a run of consecutive positions shared by every row this long is read as a slice (`_common_run`)
 _local = threading.local()
 
 
@@ -97,6 +101,38 @@ def _chunks(src: torch.Tensor, rows: torch.Tensor, chunk: int):
         yield c0, c1, buf.view(bh, c1 - c0, dim)
 
 
+def _common_run(ix: torch.Tensor) -> tuple[int, int, int] | None:
+    """The longest run of columns [c0, c1) of ix [R, F] in which every row holds the same consecutive positions
+    p0, p0 + 1, ... (no -1): (c0, c1, p0), or None when it is shorter than _MIN_RUN. A decode step's window slots
+    are one: the same positions for every head (and every sequence of a batch, past its padding)."""
+    f = ix.shape[1]
+    if f < _MIN_RUN:
+        return None
+    row0 = ix[0]
+    ok = (ix == row0).all(0) & (row0 >= 0)  # [F] the same valid position in every row
+    joins = torch.zeros(f, dtype=torch.bool)  # column c continues the run of column c - 1
+    joins[1:] = ok[1:] & ok[:-1] & (row0[1:] == row0[:-1] + 1)
+    seg = torch.where(ok, (ok & ~joins).cumsum(0), 0)  # run number of each column, 0 outside runs
+    count = torch.bincount(seg)
+    count[0] = 0
+    best = int(count.argmax())
+    if int(count[best]) < _MIN_RUN:
+        return None
+    c0 = int((seg == best).nonzero()[0, 0])
+    return c0, c0 + int(count[best]), int(row0[c0])
+
+
+def _slab(src: torch.Tensor, p0: int, length: int, chunk: int):
+    """Yield (c0, c1, positions p0 + c0 .. p0 + c1 of every head as float32 [BH, c1 - c0, dim]) of the cache
+    src [BH, N, dim] (bfloat16/float16), widened chunk by chunk into a workspace straight from the cache: one copy
+    where a gathered chunk takes two (index_select, then the widening)."""
+    bh, _, dim = src.shape
+    wide = _workspace("wide", bh * chunk * dim, torch.float32)
+    for c0 in range(0, length, chunk):
+        c1 = min(length, c0 + chunk)
+        yield c0, c1, wide[: bh * (c1 - c0) * dim].view(bh, c1 - c0, dim).copy_(src[:, p0 + c0: p0 + c1])
+
+
 def _gather_logits(qf: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, chunk: int) -> torch.Tensor:
     """Logits of the listed rows, read chunk by chunk in the given order. qf: [BH, G, D] float32; src: [R, D] rows
     of the flattened cache; rows: [BH, S] int64 row numbers. Returns [BH, G, S] float32 (unscaled)."""
@@ -140,15 +176,33 @@ def sparse_decode_attention_cpu(query: torch.Tensor, keys: torch.Tensor, values:
     ix = idx.reshape(bh, s).to(torch.int64)
     if t == 0 and s > 1 and _descents(ix) > _MAX_DESCENTS:
         ix = ix.sort(dim=-1).values  # ascending rows; the order of slots does not change the result
+    # float32 rows are gathered even in a run: index_select's copy then the matmul on cached rows measured faster
+    # than the matmul reading the slice from memory (Llama-3-8B layer, 32K: 4.2 vs 4.8 ms for a 3.3K window)
+    run = _common_run(ix[:, : s - t]) if keys.dtype != torch.float32 else None
+    span = 0
+    if run is not None:  # the run's columns first (read as a slice), then the others; the known slots stay last
+        c0, c1, p0 = run
+        span = c1 - c0
+        ix = torch.cat([ix[:, c0:c1], ix[:, :c0], ix[:, c1:]], dim=-1)
     valid = ix >= 0
     rows = ix.clamp_min(0) + torch.arange(0, bh * n, n).view(bh, 1)  # skipped slots read a real row, masked
     chunk = max(16, min(s, _CHUNK_BYTES // (4 * bh * max(d, dv))))
     qf = query.reshape(bh, g, d).float()
-    logits = _gather_logits(qf, _rows(keys), rows[:, : s - t], chunk).mul_(scaling)
+    parts = []
+    if span:
+        parts.append(torch.empty(bh, g, span))
+        for a, e, k in _slab(_rows(keys).view(bh, n, d), p0, span, chunk):
+            torch.bmm(qf, k.transpose(1, 2), out=parts[0][:, :, a:e])
+    parts.append(_gather_logits(qf, _rows(keys), rows[:, span: s - t], chunk))
+    parts = [x.mul_(scaling) for x in parts]
     if t:
-        logits = torch.cat([logits, known_logits.reshape(bh, g, t).float()], dim=-1)
+        parts.append(known_logits.reshape(bh, g, t).float())  # already scaled
+    logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
     logits.masked_fill_(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # [BH, G]
     p = (logits - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]).exp_()
-    out = _gather_values(p, _rows(values), rows, chunk)
+    out = _gather_values(p[:, :, span:], _rows(values), rows[:, span:], chunk)
+    if span:
+        for a, e, v in _slab(_rows(values).view(bh, n, dv), p0, span, chunk):
+            out.baddbmm_(p[:, :, a:e], v)
     return out.to(query.dtype).view(b, h, g, dv), lse.view(b, h, g)

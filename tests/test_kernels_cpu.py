@@ -192,6 +192,48 @@ def test_sparse_attention_cpu_matches_reference(case, dtype):
                                atol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [(1, 8, 4, 128, 128, 4000, 256, 3), (2, 2, 1, 64, 64, 2000, 997, 0),
+                                  (3, 2, 8, 256, 128, 2000, 300, 17), (1, 1, 4, 64, 64, 1500, 255, 40)],
+                         ids=lambda c: "b{}h{}g{}d{}dv{}n{}run{}gap{}".format(*c))
+def test_sparse_attention_cpu_reads_a_shared_window_as_a_slice(case, dtype, monkeypatch):
+    """idx laid out as a decode step lays it out: [sink | scattered top-k | window], the window the same
+    consecutive positions in every row (with -1 holes before it): a bfloat16 cache reads it as a slice
+    (`_common_run`), and every dtype equals the reference; a run shorter than _MIN_RUN (255) or broken in one row
+    is gathered like the rest."""
+    from pqpatch.kernels import cpu_attention
+
+    b, hkv, g, d, dv, n, run, gap = case
+    gen = _gen(run + gap)
+    q = torch.randn(b, hkv, g, d, generator=gen).to(dtype)
+    keys = torch.randn(b, hkv, n, d, generator=gen).to(dtype)
+    values = torch.randn(b, hkv, n, dv, generator=gen).to(dtype)
+    w0 = n - run
+    sink = torch.arange(4).expand(b * hkv, 4)
+    top = torch.stack([torch.randperm(w0 - 4 - gap, generator=gen)[:97] + 4 for _ in range(b * hkv)])
+    top[:, 90:] = -1  # the empty top-k slots of a k_valid below the slot count
+    window = torch.cat([torch.full((gap,), -1), torch.arange(w0, n)]).expand(b * hkv, -1)
+    idx = torch.cat([sink, top, window], dim=-1).view(b, hkv, -1).contiguous()
+    seen = []
+    real = cpu_attention._common_run
+    monkeypatch.setattr(cpu_attention, "_common_run", lambda ix: seen.append(real(ix)) or seen[-1])
+    for ix in (idx, idx.clone().index_put_((torch.tensor([b - 1]), torch.tensor([hkv - 1]),
+                                            torch.tensor([idx.shape[-1] - 5])), torch.tensor(-1))):
+        seen.clear()
+        out, lse = kernels.sparse_decode_attention(q, keys, values, ix, d ** -0.5, backend="cpu")
+        out_r, lse_r = ref.sparse_decode_attention_ref(q, keys, values, ix, d ** -0.5)
+        torch.testing.assert_close(lse, lse_r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.float(), out_r.float(), rtol=1e-5 if dtype == torch.float32 else 1.6e-2,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-2)
+        if dtype == torch.float32:  # float32 rows are always gathered (measured faster), no run is looked for
+            assert seen == []
+        elif ix is idx:  # the whole window is one shared run (unless it is too short)
+            want = None if run < cpu_attention._MIN_RUN else (4 + 97 + gap, 4 + 97 + gap + run, w0)
+            assert seen == [want]
+        else:  # one row lost a window slot: the run ends before it (still read as a slice if long enough)
+            assert seen[0] is None or seen[0][1] <= idx.shape[-1] - 5
+
+
 def test_sparse_attention_cpu_strided_cache_and_int32_idx():
     """A cache that is a slice of a larger buffer (not viewable as flat rows) and int32 indices."""
     gen = _gen(4)

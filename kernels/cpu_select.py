@@ -140,8 +140,20 @@ def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | 
     cls = hist.spread(cls).index_select(0, joint).view(h, n)  # one byte per token
     above, tie = cls == 2, cls == 1
     # ties at the threshold: the first `need` of them in position order
-    tie &= tie.cumsum(-1, dtype=torch.int32) <= need[:, None]
-    return _emit(above.logical_or_(tie), kk, extra)
+    return _emit(_take_first_ties(above, tie, need), kk, extra)
+
+
+def _take_first_ties(above: torch.Tensor, tie: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """above [Hkv, n] bool with the first need[h] entries of tie [Hkv, n] bool (in position order) set too; need:
+    [Hkv] integer. The ties are listed with one `nonzero` and ranked within their row: no cumulative sum over the
+    whole [Hkv, n] mask, and no int64 copy of it (what a cumsum compared with an int64 count costs)."""
+    rows, cols = tie.nonzero(as_tuple=True)  # row-major: each row's ties in position order
+    if rows.numel():
+        count = torch.bincount(rows, minlength=tie.shape[0])
+        rank = torch.arange(rows.numel()) - (count.cumsum(0) - count)[rows]  # 0, 1, ... within each row
+        take = rank < need.view(-1)[rows]
+        above[rows[take], cols[take]] = True
+    return above
 
 
 def _emit(keep: torch.Tensor, kk: int, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,17 +170,19 @@ def _emit(keep: torch.Tensor, kk: int, extra: torch.Tensor | None = None) -> tor
         if pos.numel() != h * kk:  # cannot happen unless the scores are NaN
             raise RuntimeError(f"pq_topk_cpu selected {pos.numel()} tokens for {h} x {kk} slots (NaN scores?)")
         return pos.view(h, kk)
-    got = int(keep.sum())
+    got = int(torch.count_nonzero(keep))
     if got != h * kk:
         raise RuntimeError(f"pq_topk_cpu selected {got} tokens for {h} x {kk} slots (NaN scores?)")
     x = extra.shape[1]
     ok = extra >= 0
     keep[torch.arange(h).view(h, 1).expand(h, x)[ok], extra[ok]] = True
-    count = keep.sum(-1)  # [Hkv] kk + the extra positions not already kept
-    nz = keep.nonzero()  # [total, 2] row-major: each row's positions ascending
-    col = torch.arange(nz.shape[0]) - (count.cumsum(0) - count).repeat_interleave(count)  # slot within its row
+    count = torch.count_nonzero(keep, dim=-1).tolist()  # per row: kk + the extra positions not already kept
+    pos = keep.nonzero()[:, 1]  # row-major: each row's positions ascending, row after row
     out = torch.full((h, kk + x), -1, dtype=torch.int64)
-    out[nz[:, 0], col] = nz[:, 1]
+    a = 0
+    for r, c in enumerate(count):  # Hkv row copies: cheaper than ranking every entry to scatter it
+        out[r, :c] = pos[a:a + c]
+        a += c
     return out
 
 
@@ -186,12 +200,10 @@ def _select_tokens(scores: torch.Tensor, kk: int, min_thr: float | None = None,
     if min_thr is not None and not bool((thr >= min_thr).all()):
         return None  # the caller recomputes the scores with more range
     keep = scores >= thr
-    count = keep.sum(dim=-1)
+    count = torch.count_nonzero(keep, dim=-1)
     if not bool((count == kk).all()):  # ties at the threshold: every score above it, then the first ties
         above = scores > thr
-        tie = keep.logical_xor_(above)
-        need = kk - above.sum(dim=-1, keepdim=True)
-        keep = above.logical_or_(tie & (tie.cumsum(-1, dtype=torch.int32) <= need))
+        keep = _take_first_ties(above, keep.logical_xor_(above), kk - torch.count_nonzero(above, dim=-1))
     return _emit(keep, kk, extra)
 
 

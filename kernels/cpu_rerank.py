@@ -12,7 +12,7 @@ Why it is fast on CPU (plain ATen ops; nothing here touches a device):
     `torch.gather` with an expanded index, which costs several times the matmul.
   * bfloat16/float16 keys are gathered in their own dtype (half the bytes) and widened to float32 in the cached
     chunk; logits, softmax and the group score are float32, as in the reference.
-  * The k-th best group score comes from `torch.topk`'s values; the selected entries are then a mask (above the
+  * The k-th best group score comes from `cpu_np.kth_largest` (np.partition); the selected entries are then a mask (above the
     threshold, plus the first ties), and since the entries are in position order the output positions come out
     ascending without a sort.
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .cpu_attention import _gather_logits, _rows, sparse_decode_attention_cpu
+from .cpu_np import kth_largest
 from .quality import check_rerank_inputs
 
 __all__ = ["rerank_topk_cpu", "rerank_attention_cpu"]
@@ -100,7 +101,7 @@ def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Te
         score = torch.softmax(logits, dim=-1).sum(dim=1)  # [BH, cnt]
     score.masked_fill_(~valid, float("-inf"))
     # the kk-th best score of every row, then a mask: above it, or equal to it among the first `need` ties
-    thr = torch.topk(score, kk, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # [BH, 1]
+    thr = kth_largest(score, kk)  # [BH, 1]
     above = score > thr
     tie = (score == thr) & valid
     need = kk - above.sum(-1, keepdim=True)

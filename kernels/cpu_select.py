@@ -11,13 +11,13 @@ Why it is fast (m = 2 sub-spaces, b bits, K = 2**b centroids, n candidate tokens
     S = e1^T diag(1/Z) e0.
     Nothing per token is exponentiated; a token's score is S[j]. The same histogram gives the log-partition
     (`log_partition.log_partition_cpu`); `cpu_shortlist.pq_shortlist_cpu` builds it once for both.
-  * Top-k by a threshold: over a token list, the k-th largest score from `torch.topk`'s values (the code table is
+  * Top-k by a threshold: over a token list, the k-th largest score by `np.partition` (`cpu_np`; the code table is
     built in float32 there, float64 only when a denominator or the threshold nears float32's underflow); over the
     code table (fewer codes than tokens), a radix select on the scores' float bits (non-negative floats order like
     their int32 bits), three digits of 11/11/9 bits, each one bincount weighted by the code counts, so the select
     costs O(K^2) instead of O(n).
-  * The selected set is emitted with one `nonzero` in position order, which also gives the sparse attention
-    ascending (cache-friendly) row indices.
+  * The selected set is emitted with one pass over the mask in position order (`cpu_np.row_positions`), which
+    also gives the sparse attention ascending (cache-friendly) row indices.
 m = 1 uses the same code-domain path; other m, and short candidate lists whose code table would be larger than 2 G n
 entries (b = 8 below ~8K tokens), score per token (the reference's arithmetic). Ties: every token
 scoring strictly above the k-th selected score is selected; among equal scores the earliest positions are taken.
@@ -30,6 +30,7 @@ import sys
 import torch
 
 from .cpu_attention import _workspace
+from .cpu_np import kth_largest, row_positions
 
 __all__ = ["pq_topk_cpu", "pq_lut", "JointCodes", "joint_codes", "radix_threshold"]
 
@@ -145,9 +146,10 @@ def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | 
 
 def _take_first_ties(above: torch.Tensor, tie: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
     """above [Hkv, n] bool with the first need[h] entries of tie [Hkv, n] bool (in position order) set too; need:
-    [Hkv] integer. The ties are listed with one `nonzero` and ranked within their row: no cumulative sum over the
-    whole [Hkv, n] mask, and no int64 copy of it (what a cumsum compared with an int64 count costs)."""
-    rows, cols = tie.nonzero(as_tuple=True)  # row-major: each row's ties in position order
+    [Hkv] integer. The ties are listed with one pass over the mask (`row_positions`) and ranked within their row:
+    no cumulative sum over the whole [Hkv, n] mask, and no int64 copy of it (what a cumsum compared with an int64
+    count costs)."""
+    rows, cols = row_positions(tie)  # row-major: each row's ties in position order
     if rows.numel():
         count = torch.bincount(rows, minlength=tie.shape[0])
         rank = torch.arange(rows.numel()) - (count.cumsum(0) - count)[rows]  # 0, 1, ... within each row
@@ -157,7 +159,7 @@ def _take_first_ties(above: torch.Tensor, tie: torch.Tensor, need: torch.Tensor)
 
 
 def _emit(keep: torch.Tensor, kk: int, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """The positions a selection mask keeps, in ascending order (one `nonzero`).
+    """The positions a selection mask keeps, in ascending order (one pass: `cpu_np.row_positions`).
 
     keep: [Hkv, n] bool with exactly kk entries per row (else RuntimeError: only NaN scores could do that); it is
     written to when extra is given. extra: optional [Hkv, X] int64 positions in [0, n), -1 = none (the outliers of
@@ -166,7 +168,7 @@ def _emit(keep: torch.Tensor, kk: int, extra: torch.Tensor | None = None) -> tor
     """
     h, n = keep.shape
     if extra is None:
-        pos = keep.nonzero()[:, 1]
+        pos = row_positions(keep)[1]
         if pos.numel() != h * kk:  # cannot happen unless the scores are NaN
             raise RuntimeError(f"pq_topk_cpu selected {pos.numel()} tokens for {h} x {kk} slots (NaN scores?)")
         return pos.view(h, kk)
@@ -177,7 +179,7 @@ def _emit(keep: torch.Tensor, kk: int, extra: torch.Tensor | None = None) -> tor
     ok = extra >= 0
     keep[torch.arange(h).view(h, 1).expand(h, x)[ok], extra[ok]] = True
     count = torch.count_nonzero(keep, dim=-1).tolist()  # per row: kk + the extra positions not already kept
-    pos = keep.nonzero()[:, 1]  # row-major: each row's positions ascending, row after row
+    pos = row_positions(keep)[1]  # row-major: each row's positions ascending, row after row
     out = torch.full((h, kk + x), -1, dtype=torch.int64)
     a = 0
     for r, c in enumerate(count):  # Hkv row copies: cheaper than ranking every entry to scatter it
@@ -191,12 +193,13 @@ def _select_tokens(scores: torch.Tensor, kk: int, min_thr: float | None = None,
     """The kk best of n per-token scores, ties to the earliest positions. scores: [Hkv, n] float32, non-negative
     (no NaN); 0 < kk < n. Returns [Hkv, kk] int64 positions in ascending order (with extra: `_emit`'s union).
 
-    The threshold (the kk-th largest score) comes from `torch.topk`'s values, which on CPU is ~2x cheaper than
-    the three bincount passes of `radix_threshold` over a token list; the positions are then taken in position
-    order by comparing against it, so the result does not depend on topk's order or tie handling.
+    The threshold (the kk-th largest score) comes from `cpu_np.kth_largest` (np.partition; torch.topk's values
+    without numpy, which are ~2x cheaper than the three bincount passes of `radix_threshold` over a token list);
+    the positions are then taken in position order by comparing against it, so the result does not depend on
+    any sort order or tie handling.
     """
     h, n = scores.shape
-    thr = torch.topk(scores, kk, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # [Hkv, 1]
+    thr = kth_largest(scores, kk)  # [Hkv, 1]
     if min_thr is not None and not bool((thr >= min_thr).all()):
         return None  # the caller recomputes the scores with more range
     keep = scores >= thr

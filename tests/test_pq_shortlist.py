@@ -269,9 +269,11 @@ def test_triton_multi_block_geometry(block_n, progs):
     check_against_references("triton", idx.cpu(), log_z.cpu(), q, c, codes, lo, hi, 50, 0.125, kv)
 
 
-def _step(q, c, codes, keys, lo, hi, kv, backend):
-    """The selection of a decode step with exact re-ranking: the shortlist and log_z, then the re-ranking."""
-    short, log_z = kernels.pq_shortlist(q, c, codes, lo, hi, 48, 0.125, backend=backend, k_valid=kv * 2)
+def _step(q, c, codes, keys, lo, hi, kv, backend, outliers=None):
+    """The selection of a decode step with exact re-ranking: the shortlist (with the outliers, if given) and log_z,
+    then the re-ranking."""
+    short, log_z = kernels.pq_shortlist(q, c, codes, lo, hi, 48, 0.125, backend=backend, k_valid=kv * 2,
+                                        outliers=outliers)
     top = kernels.rerank_topk(q, keys, short, 24, 0.125, backend=backend, k_valid=kv, log_z=log_z)
     return short.sort(-1).values, log_z, top.sort(-1).values
 
@@ -283,13 +285,15 @@ def test_compiled_fullgraph(backend):
     q, c, codes, lo, hi = (t.to(DEV if backend == "triton" else "cpu")
                            for t in _inputs(2, 2, 4, 64, 2, 4, 120, "ragged"))
     keys = torch.randn(2, 2, 120, 64, generator=torch.Generator().manual_seed(3)).to(q.device)
-    args = (q, c, codes, keys, lo, hi, torch.tensor([20], device=q.device), backend)
-    explanation = torch._dynamo.explain(_step)(*args)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    compiled = torch.compile(_step, fullgraph=True, backend="aot_eager")
-    for got, want in zip(compiled(*args), _step(*args)):
-        assert torch.equal(got, want)
-    torch._dynamo.reset()
+    outl = torch.tensor([-1, 3, 50, 77, 119]).expand(2, 2, 5).contiguous().to(q.device)  # some outside [lo, hi)
+    for extra in (None, outl):  # with the outliers: the cpu mask merge, or with_outliers' sort and searchsorted
+        args = (q, c, codes, keys, lo, hi, torch.tensor([20], device=q.device), backend, extra)
+        explanation = torch._dynamo.explain(_step)(*args)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+        compiled = torch.compile(_step, fullgraph=True, backend="aot_eager")
+        for got, want in zip(compiled(*args), _step(*args)):
+            assert torch.equal(got, want)
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

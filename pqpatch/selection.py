@@ -53,18 +53,21 @@ def observation_attention(
     pos = torch.arange(n, device=keys.device)
     for r0 in range(q - w, q, rows):
         r1 = min(r0 + rows, q)
-        qq = query[:, :, r0:r1].float().reshape(b, hkv, g, r1 - r0, d)
-        logits = torch.einsum("bhgrd,bhnd->bhgrn", qq, k) * scaling  # [B, Hkv, G, r, n]
+        qq = (query[:, :, r0:r1].float() * scaling).reshape(b, hkv, g, r1 - r0, d)  # scaled here: r x d, not r x n
+        logits = torch.einsum("bhgrd,bhnd->bhgrn", qq, k)  # [B, Hkv, G, r, n]
         qpos = (n - q) + torch.arange(r0, r1, device=keys.device)  # absolute positions of these query rows
-        allowed = pos[None, :] <= qpos[:, None]  # [r, n] causal
         if attention_mask is not None:
+            allowed = pos[None, :] <= qpos[:, None]  # [r, n] causal
             m = attention_mask[:, 0, r0:r1, :n]  # [B or 1, r, n]
             ok = m if m.dtype == torch.bool else m == 0
             allowed = allowed[None] & ok  # [B or 1, r, n]
-            logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-        else:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a fully masked row (padding query) adds nothing
+            logits.masked_fill_(~allowed[:, None, None], float("-inf"))
+            p = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a fully masked row (padding query) adds nothing
+        else:  # causal only: just the keys after the first row's position need masking (a triangle at the end)
+            c0 = n - q + r0 + 1
+            if c0 < n:
+                logits[..., c0:].masked_fill_(pos[c0:][None, :] > qpos[:, None], float("-inf"))
+            p = torch.softmax(logits, dim=-1)  # every row sees at least its own key: no NaN
         out += p.sum(dim=(2, 3))
     return out / (w * g)
 

@@ -25,11 +25,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG0
     if not step_rows:
         return
     tr.section("pqpatch decode-step benchmark (min of interleaved rounds; ratios vs dense SDPA of the same rounds)")
-    tr.write_line(f"{'N':>7} {'bits':>4} {'dtype':<8} {'dense ms':>9} {'gqa ms':>8} {'topk ms':>8} {'attn ms':>8} {'step ms':>8} "
+    tr.write_line(f"{'N':>7} {'bits':>4} {'dtype':<8} {'dense ms':>9} {'gqa ms':>8} {'topk ms':>8} {'attn ms':>8} "
+                  f"{'step ms':>8} "
                   f"{'step/dense':>10} {'rr/dense':>8} {'topk/dense':>10} {'floor ms':>8} {'floor/dense':>11} {'gather ms':>9} "
                   f"{'2ops ms':>8} {'fused ms':>8} {'fused/2ops':>10}  verdict")
     for r in step_rows:
-        tr.write_line(f"{r['n']:>7} {r['bits']:>4} {r['dtype']:<8} {r['dense_ms']:9.2f} {r['dense_gqa_ms']:8.2f} {r['topk_ms']:8.2f} "
+        tr.write_line(f"{r['n']:>7} {r['bits']:>4} {r['dtype']:<8} {r['dense_ms']:9.2f} {r['dense_gqa_ms']:8.2f} "
+                      f"{r['topk_ms']:8.2f} "
                       f"{r['attn_ms']:8.2f} {r['step_ms']:8.2f} {r['step_vs_dense']:10.3f} "
                       f"{r['step_rerank_vs_dense']:8.3f} {r['select_vs_dense']:10.3f} {r['floor_ms']:8.2f} {r['floor_vs_dense']:11.3f} {r['gather_ms']:9.2f} "
                       f"{r['shortlist_2ops_ms']:8.2f} {r['shortlist_ms']:8.2f} {r['shortlist_vs_2ops']:10.3f}  "

@@ -5,7 +5,8 @@ Time gates are ratios to dense SDPA measured in the same rounds, called the way 
 step with a cache mask (`sdpa_attention_forward`'s `pack_gqa`): the G query heads of a KV head become G query rows,
 [B, Hkv, G, D] against [B, Hkv, N, D], so K and V are read once. On CPU that is ~3.7x faster at 32K than
 `enable_gqa=True` (which reads them once per query head), the baseline of stops 9-15: its ratios were too low by
-that factor. The enable_gqa time is reported beside it (dense_gqa column), not gated. Counters (bytes, tokens, graph breaks, recompiles) are exact. Thresholds and targets: thresholds.json.
+that factor. The enable_gqa time is reported beside it (dense_gqa column), not gated. Counters (bytes, tokens,
+graph breaks, recompiles) are exact. Thresholds and targets: thresholds.json.
 The floor is the time to read the k selected rows' worth of K and V with a plain contiguous read; the gather floor
 copies the selected rows themselves out with index_select (random rows: bound by memory latency, not bandwidth).
 Report only (no gate): the fused shortlist op of a re-ranked step (`kernels.pq_shortlist`, 2k = N/5 of all N

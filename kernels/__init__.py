@@ -197,8 +197,8 @@ def pq_shortlist(query, centroids, codes, lo, hi, k: int, scaling: float, backen
     [B, Hkv, X] int64 positions (ascending, -1 = empty first; `PQCacheConfig.rerank_outliers`) that join the top-k,
     each position once, those outside [lo, hi) dropped. Returns (idx [B, Hkv, k (+ X)] int64, as `pq_topk` on this
     backend, order included, then the outliers it lacks as `quality.with_outliers` appends them ("cpu": the union
-    in ascending order, then -1: merged into the selection mask, so the re-ranking gets sorted rows); log_z [B, Hkv, G] float32, as `pq_log_partition`, -inf for
-    a sequence without candidates). Shapes, dtypes and devices are checked (ValueError) on every backend.
+    in ascending order, then -1: merged into the selection mask, so the re-ranking gets sorted rows); log_z
+    [B, Hkv, G] float32, as `pq_log_partition`, -inf for a sequence without candidates). Shapes, dtypes and devices are checked (ValueError) on every backend.
 
     Why one op: both run over every candidate's codes, and the per-token pass is shared. "cpu"
     (`cpu_shortlist.pq_shortlist_cpu`): one lookup table and one joint-code histogram per sequence feed the top-k's

@@ -12,9 +12,9 @@ Why it is fast on CPU (plain ATen ops; nothing here touches a device):
     `torch.gather` with an expanded index, which costs several times the matmul.
   * bfloat16/float16 keys are gathered in their own dtype (half the bytes) and widened to float32 in the cached
     chunk; logits, softmax and the group score are float32, as in the reference.
-  * The k-th best group score comes from `cpu_np.kth_largest` (np.partition); the selected entries are then a mask (above the
-    threshold, plus the first ties), and since the entries are in position order the output positions come out
-    ascending without a sort.
+  * The k-th best group score comes from `cpu_np.kth_largest` (np.partition); the selected entries are then a
+    mask (above the threshold, plus the first ties), and since the entries are in position order the output
+    positions come out ascending without a sort.
 
 Ties: every entry scoring strictly above the k-th selected score is selected; among entries equal to it the lowest
 positions are taken. With `log_z` (the per-head log-partition over all candidates) the score of an entry is

@@ -32,7 +32,7 @@ import torch
 from .cpu_attention import _workspace
 from .cpu_np import kth_largest, row_positions
 
-__all__ = ["pq_topk_cpu", "pq_lut", "JointCodes", "joint_codes", "radix_threshold"]
+__all__ = ["pq_topk_cpu", "pq_lut", "JointCodes", "joint_codes", "radix_threshold", "mark"]
 
 # (shift, width) of the three digits of a non-negative int32 key, most significant first
 _DIGITS = ((20, 11), (9, 11), (0, 9))
@@ -158,6 +158,13 @@ def _take_first_ties(above: torch.Tensor, tie: torch.Tensor, need: torch.Tensor)
     return above
 
 
+def mark(keep: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Set keep[r, pos[r, j]] for every pos[r, j] >= 0. keep: [R, n] bool; pos: [R, X] int64 in [0, n) or -1."""
+    ok = pos >= 0
+    keep[torch.arange(pos.shape[0]).view(-1, 1).expand_as(pos)[ok], pos[ok]] = True
+    return keep
+
+
 def _emit(keep: torch.Tensor, kk: int, extra: torch.Tensor | None = None) -> torch.Tensor:
     """The positions a selection mask keeps, in ascending order (one pass: `cpu_np.row_positions`).
 
@@ -176,8 +183,7 @@ def _emit(keep: torch.Tensor, kk: int, extra: torch.Tensor | None = None) -> tor
     if got != h * kk:
         raise RuntimeError(f"pq_topk_cpu selected {got} tokens for {h} x {kk} slots (NaN scores?)")
     x = extra.shape[1]
-    ok = extra >= 0
-    keep[torch.arange(h).view(h, 1).expand(h, x)[ok], extra[ok]] = True
+    mark(keep, extra)
     count = torch.count_nonzero(keep, dim=-1).tolist()  # per row: kk + the extra positions not already kept
     pos = row_positions(keep)[1]  # row-major: each row's positions ascending, row after row
     out = torch.full((h, kk + x), -1, dtype=torch.int64)

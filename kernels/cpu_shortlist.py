@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_select import _check_inputs, _emit, _select, joint_codes, pq_lut, pq_topk_cpu
+from .cpu_select import _check_inputs, _emit, _select, joint_codes, mark, pq_lut, pq_topk_cpu
 from .log_partition import log_partition_ref, log_z_factors, log_z_from_counts
 
 __all__ = ["pq_shortlist_cpu"]
@@ -76,8 +76,8 @@ def pq_shortlist_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.
 
 
 def _relative(outliers: torch.Tensor, a: int, e: int) -> torch.Tensor:
-    """[Hkv, X] outlier positions of one sequence -> positions relative to its first candidate a, -1 for an empty
-    entry and for one outside the candidates [a, e)."""
+    """[Hkv, X] positions of one sequence (outliers, or a selection) -> positions relative to its first candidate a,
+    -1 for an empty entry and for one outside the candidates [a, e)."""
     return torch.where((outliers >= a) & (outliers < e), outliers - a, -1)
 
 
@@ -91,11 +91,8 @@ def _union_rows(idx: torch.Tensor, outliers: torch.Tensor, lo: torch.Tensor, hi:
         a, e = max(0, int(a)), min(n, int(e))
         if e <= a:
             continue
-        keep = torch.zeros(h, e - a, dtype=torch.bool)
-        sel = idx[bi]
-        ok = sel >= 0  # the same count in every row: min(k_valid, k, e - a)
-        keep[torch.arange(h).view(h, 1).expand_as(sel)[ok], (sel - a)[ok]] = True
-        kb = int(ok.sum(-1)[0]) if h else 0
-        pos = _emit(keep, kb, _relative(outliers[bi], a, e))
+        sel = _relative(idx[bi], a, e)  # the selection: the same count in every row, min(k_valid, k, e - a)
+        kb = int((sel[0] >= 0).sum()) if h else 0
+        pos = _emit(mark(torch.zeros(h, e - a, dtype=torch.bool), sel), kb, _relative(outliers[bi], a, e))
         out[bi, :, :pos.shape[1]] = torch.where(pos >= 0, pos + a, -1)
     return out

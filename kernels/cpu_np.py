@@ -1,9 +1,10 @@
 """Two CPU selection primitives through numpy, where numpy's implementation is cheaper than ATen's at decode sizes.
 
-Measured (1 thread, 8 rows of 29.5K float32 scores: the shortlist of a 32K step, Llama-3-8B layer; of 6.8K: its
-re-ranking): the k-th largest by `np.partition` (introselect on the values alone) 1.4 / 0.34 ms against
-`torch.topk(...).values.min()` 2.2 / 0.54 ms (topk also moves indices); the positions of a mask by
-`np.flatnonzero` 0.10 ms against `torch.nonzero` 0.65 ms (which writes [total, 2] indices). Both are exact: the
+Measured (`python benchmarks/bench_step_phases.py --primitives`, 1 thread, 8 rows of 29.5K float32 scores: the
+shortlist of a 32K step, Llama-3-8B layer; of 6.8K: its re-ranking): the k-th largest by `np.partition`
+(introselect on the values alone) 1.45 / 0.33 ms against `torch.topk(...).values.min()` 2.33 / 0.55 ms (topk also
+moves indices); the positions of a mask by `np.flatnonzero` 0.32 / 0.13 ms against `torch.nonzero` 0.64 / 0.25 ms
+(which writes [total, 2] indices). Both are exact: the
 same value and the same positions as the torch calls, which are the fallback when numpy cannot be imported
 (`HAS_NUMPY`) and the reference in `tests/test_cpu_np.py`. CPU tensors only; nothing here copies to a device.
 """

@@ -3,7 +3,11 @@ asserted is their honesty: no k-means job of one call runs inside the next timed
 only on offloaded rows, and a failing row makes the script exit non-zero."""
 
 import importlib.util
+import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,3 +54,33 @@ def test_bench_decode_exit_status_reports_a_failed_row(tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "measure", lambda *a: {"ms_per_token": 1.0, "prefill_s": 0.0, "first_decode_s": 0.0,
                                                      "peak_gpu_gib": None})
     assert mod.main(["--smoke", "--methods", "dense", "--out", str(tmp_path / "d.json")]) == 0
+
+
+@pytest.mark.parametrize("argv", [["--n", "2048", "--rounds", "1"], ["--n", "2048", "--rounds", "1", "--dtype",
+                                                                     "bfloat16", "--primitives"]])
+def test_bench_step_phases_runs(argv, monkeypatch, capsys):
+    """The per-part timing script runs end to end at a small size and prints every part."""
+    mod = _load("bench_step_phases")
+    monkeypatch.setattr(sys, "argv", ["bench_step_phases.py", *argv])
+    before = torch.get_num_threads()
+    try:
+        mod.main()
+    finally:
+        torch.set_num_threads(before)
+        torch.set_grad_enabled(True)
+    out = capsys.readouterr().out
+    for part in ("pq_shortlist", "rerank_attention", "rerank_topk", "PQLayer.decode", "dense SDPA"):
+        assert part in out
+    assert ("np.partition" in out) == ("--primitives" in argv)
+
+
+def test_bench_hugepages_runs(monkeypatch, capsys):
+    mod = _load("bench_hugepages")
+    monkeypatch.setattr(sys, "argv", ["bench_hugepages.py", "--n", "4096", "--rounds", "1"])
+    before = torch.get_num_threads()
+    try:
+        mod.main()
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert "gather huge" in out and "contiguous ordinary" in out

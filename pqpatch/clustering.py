@@ -287,8 +287,16 @@ class ClusterPool:
         problem boundary (their future then raises `ClusteringStopped`). Returns at once. An exception other
         than the stop from any of these jobs is logged, since no caller will collect it. Futures already
         collected or finished are fine to pass."""
+        futures = [f for f in futures if f is not None]
+        # first drop every queued part of every job, then stop the running ones: a part that stops frees its
+        # thread, which must not pick up a queued part of a job this same call is cancelling
         for fut in futures:
-            if fut is None or fut.cancel():
+            for part in getattr(fut, "parts", ()):  # a split job (_Joined): its queued parts
+                part.cancel()
+            if not isinstance(fut, _Joined):
+                fut.cancel()  # succeeds only while queued; sets no stop flag
+        for fut in futures:
+            if fut.cancel():
                 continue
             with self._lock:
                 stop = self._stops.get(fut)

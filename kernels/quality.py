@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["with_outliers", "is_residual", "residual_query", "rq_assign_ref", "rq_reconstruct_ref", "rerank_exact_ref",
-           "rerank_keep_best", "check_rerank_inputs"]
+__all__ = ["with_outliers", "is_residual", "residual_query", "rq_assign_ref", "rq_reconstruct_ref",
+           "rerank_exact_ref", "rerank_keep_best", "check_rerank_inputs"]
 
 
 def is_residual(query_dim: int, centroids: torch.Tensor) -> bool:

@@ -98,21 +98,24 @@ class PQLayer(StaticLayer):
         self.outliers: torch.Tensor | None = None  # [B, Hkv, outlier_slots] worst-coded positions, -1 = empty
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
+        # the base class sets the layer up and allocates the K/V buffers; it is handed a length of 0 so the buffers
+        # are allocated (and zero-filled) once, here: on CPU on huge pages (a sparse step gathers scattered rows,
+        # huge pages spare a TLB miss per row)
+        max_len, self.max_cache_len = self.max_cache_len, 0
+        try:
+            super().lazy_initialization(key_states, value_states)
+        finally:
+            self.max_cache_len = max_len
         dev = self.device
-        if dev.type == "cpu":  # a sparse step gathers scattered rows: huge pages spare a TLB miss per row
-            self.keys = self._zeros(tuple(self.keys.shape), self.keys.dtype)
-            self.values = self._zeros(tuple(self.values.shape), self.values.dtype)
-            if not torch.compiler.is_compiling():
-                torch._dynamo.mark_static_address(self.keys)
-                torch._dynamo.mark_static_address(self.values)
-        b = key_states.shape[0]
+        b, h = key_states.shape[:2]
+        self.keys = self._zeros((b, h, max_len, key_states.shape[-1]), key_states.dtype)
+        self.values = self._zeros((b, h, max_len, value_states.shape[-1]), value_states.dtype)
         self.start = torch.zeros(b, dtype=torch.long, device=dev)
         # the split of the real context, as device scalars: read by the decode step, never guarded on
         self.split_n = torch.tensor([self.sink, self.local, self.topk], dtype=torch.long, device=dev)
         if not torch.compiler.is_compiling():
-            torch._dynamo.mark_static_address(self.start)
-            torch._dynamo.mark_static_address(self.split_n)
+            for t in (self.keys, self.values, self.start, self.split_n):
+                torch._dynamo.mark_static_address(t)
 
     def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A zero K/V buffer on this layer's device; on CPU backed by transparent huge pages (`hugepages`)."""

@@ -57,10 +57,24 @@ def test_resident_cpu_cache_buffers_are_huge_page_backed():
                       num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=9000)
     model = LlamaForCausalLM(cfg).eval()
     pqpatch.patch_model(model, pqpatch.PQCacheConfig())
+    full = []  # full-length buffers allocated with torch.zeros: none (the layer allocates its K/V once, itself)
+    real = torch.zeros
+
+    def spy(*size, **kw):
+        shape = size[0] if size and isinstance(size[0], (tuple, list, torch.Size)) else size
+        if 8200 in tuple(shape):
+            full.append(tuple(shape))
+        return real(*size, **kw)
+
     try:
         cache = PQCache(model, max_cache_len=8200)
-        with torch.no_grad():
-            model(torch.randint(1, 64, (1, 8)), cache=cache)
+        torch.zeros = spy
+        try:
+            with torch.no_grad():
+                model(torch.randint(1, 64, (1, 8)), past_key_values=cache, use_cache=True)  # 5.17 and 5.24
+        finally:
+            torch.zeros = real
+        assert not full, full
         layer = cache.layers[0]
         want = hugepages.hugepages_available()
         assert (not layer.keys.untyped_storage().resizable()) == want

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_attention import _gather_logits, _rows, sparse_decode_attention_cpu
+from . import native
+from .cpu_attention import _gather_logits, _rows, native_rows, sparse_decode_attention_cpu, use_native
 from .cpu_np import kth_largest
 from .quality import check_rerank_inputs
 
@@ -83,9 +84,14 @@ def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Te
         return _empty(out.view(b, h, k), g, keep_logits)
     ix = ix[:, :cnt]
     valid = ix < n  # [BH, cnt]
-    chunk = max(16, min(cnt, _CHUNK_BYTES // (4 * bh * d)))
-    rows = ix.clamp_max(n - 1) + torch.arange(0, bh * n, n).view(bh, 1)  # empty entries read a real row, masked
-    logits = _gather_logits(query.reshape(bh, g, d).float(), _rows(keys), rows, chunk)
+    qf = query.reshape(bh, g, d).float().contiguous()
+    if use_native(keys):  # each listed row read once, prefetched from the list; empty entries not read
+        src, base = native_rows(keys)
+        logits = native.gather_logits(qf, src, torch.where(valid, ix + base[:, None], -1))
+    else:
+        chunk = max(16, min(cnt, _CHUNK_BYTES // (4 * bh * d)))
+        rows = ix.clamp_max(n - 1) + torch.arange(0, bh * n, n).view(bh, 1)  # empty entries read a real row, masked
+        logits = _gather_logits(qf, _rows(keys), rows, chunk)
     logits.mul_(scaling).masked_fill_(~valid[:, None, :], float("-inf"))
     raw = logits.clone() if keep_logits else None  # the exact logits, before the score arithmetic below
     if log_z is not None:
@@ -99,6 +105,10 @@ def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Te
         # per-head softmax over the row's entries, summed over the group; a row without entries gives NaN here,
         # and every one of its entries is set to -inf just below
         score = torch.softmax(logits, dim=-1).sum(dim=1)  # [BH, cnt]
+    if native.available():
+        found = _select_native(score, valid, ix, raw, kk, k, keep_logits)
+        if found is not None:
+            return (found[0].view(b, h, k), found[1].view(b, h, g, k)) if keep_logits else found[0].view(b, h, k)
     score.masked_fill_(~valid, float("-inf"))
     # the kk-th best score of every row, then a mask: above it, or equal to it among the first `need` ties
     thr = kth_largest(score, kk)  # [BH, 1]
@@ -117,6 +127,31 @@ def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Te
     sel_logits.scatter_(2, slot[:, None, :].expand(bh, g, cnt), raw)
     sel_logits[:, :, k:] = float("-inf")
     return top, sel_logits[:, :, :k].reshape(b, h, g, k)
+
+
+def _select_native(score: torch.Tensor, valid: torch.Tensor, ix: torch.Tensor, raw: torch.Tensor | None, kk: int,
+                   k: int, keep_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The selection of `rerank_topk_cpu` through `native.select_top` (a radix select and one emitting pass, the
+    same rule: every entry above the kk-th score, then the earliest ties). score: [BH, cnt] float32 (>= 0 where
+    valid); valid: [BH, cnt] bool, the valid entries first in every row (the empty ones are its tail); ix: [BH, cnt]
+    int64 positions; raw: [BH, G, cnt] float32 logits, or None. Returns (top [BH, k] int64, logits [BH, G, k] or
+    None), or None for a NaN score (the ATen path then decides, as before).
+    The empty entries score 0, so they can only be taken as ties after every valid entry of their row (they sit at
+    its tail): a row with fewer than kk valid entries gets all of them, and the empty picks become -1."""
+    bh, cnt = score.shape
+    try:
+        col, _ = native.select_top(bh, cnt, kk, scores=score.masked_fill_(~valid, 0.0).contiguous())
+    except RuntimeError:
+        return None
+    ok = valid.gather(1, col)  # [BH, kk]: False only for an empty entry taken as a tie, at the row's end
+    top = torch.full((bh, k), -1, dtype=torch.int64)
+    top[:, :kk] = torch.where(ok, ix.gather(1, col), -1)
+    if not keep_logits:
+        return top, None
+    g = raw.shape[1]
+    logits = torch.full((bh, g, k), float("-inf"))
+    logits[:, :, :kk] = raw.gather(2, col[:, None, :].expand(bh, g, kk)).masked_fill_(~ok[:, None, :], float("-inf"))
+    return top, logits
 
 
 def rerank_attention_cpu(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, shortlist: torch.Tensor,

@@ -29,6 +29,7 @@ import sys
 
 import torch
 
+from . import native
 from .cpu_attention import _workspace
 from .cpu_np import kth_largest, row_positions
 
@@ -119,11 +120,15 @@ def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | 
     if use_table and hist is None:
         hist = joint_codes(codes, kc)
     if use_table and (256 if m == 2 else 1) * kc >= n:  # more codes than tokens: rank tokens by a float32 table
-        found = _code_scores(lut, codes, hist=hist)
+        fast = native.available()
+        found = _code_scores(lut, codes, hist=hist, factors=fast)
         if found is not None:
             table, _, joint, _ = found
-            pos = _select_tokens(hist.spread(table).index_select(0, joint).view(h, n), kk, min_thr=_LOW32,
-                                 extra=extra)
+            if fast:  # each token's score from its two codes and two small factor tables, in the kernel
+                pos = _select_native(h, n, kk, _LOW32, extra, factors=(*table, codes))
+            else:
+                pos = _select_tokens(hist.spread(table).index_select(0, joint).view(h, n), kk, min_thr=_LOW32,
+                                     extra=extra)
             if pos is not None:
                 return pos
         # a denominator or the threshold fell where float32 underflows: the float64 table below
@@ -205,6 +210,8 @@ def _select_tokens(scores: torch.Tensor, kk: int, min_thr: float | None = None,
     any sort order or tie handling.
     """
     h, n = scores.shape
+    if scores.dtype == torch.float32 and native.available():
+        return _select_native(h, n, kk, min_thr, extra, scores=scores.contiguous())
     thr = kth_largest(scores, kk)  # [Hkv, 1]
     if min_thr is not None and not bool((thr >= min_thr).all()):
         return None  # the caller recomputes the scores with more range
@@ -214,6 +221,18 @@ def _select_tokens(scores: torch.Tensor, kk: int, min_thr: float | None = None,
         above = scores > thr
         keep = _take_first_ties(above, keep.logical_xor_(above), kk - torch.count_nonzero(above, dim=-1))
     return _emit(keep, kk, extra)
+
+
+def _select_native(h: int, n: int, kk: int, min_thr: float | None, extra: torch.Tensor | None,
+                   **src: torch.Tensor) -> torch.Tensor | None:
+    """`_select_tokens` through the native kernel (`native.select_top`: a radix select on the scores' bits and one
+    emitting pass, the same rule): src is scores=[Hkv, n] float32, or factors=(fa, fb, codes) (each token's score
+    from its codes and the two factor tables of `_code_scores`, so the [Hkv, n] scores are never written). None
+    when a threshold is below min_thr (as `_select_tokens`)."""
+    pos, thr = native.select_top(h, n, kk, extra=extra, **src)
+    if min_thr is not None and not bool((thr >= min_thr).all()):
+        return None
+    return pos
 
 
 def pq_lut(query: torch.Tensor, centroids: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -283,13 +302,15 @@ def joint_codes(codes: torch.Tensor, kc: int) -> JointCodes:
     return JointCodes(joint.view(-1), raw.view(h, rows, width), kc)
 
 
-def _code_scores(lut: torch.Tensor, codes: torch.Tensor, wide: bool = False, hist: JointCodes | None = None):
+def _code_scores(lut: torch.Tensor, codes: torch.Tensor, wide: bool = False, hist: JointCodes | None = None,
+                 factors: bool = False):
     """Group score of every joint code (m = 1 or 2), or None if a softmax denominator underflows.
 
     lut: [Hkv, m, G, K] float32 (scaled); codes: [Hkv, n, m] uint8; hist: their `joint_codes` (None: built here).
     Returns (scores [Hkv, R, K] float32, counts [Hkv, R, K] candidates per code (float64 if wide else float32),
     joint [Hkv * n] int32, width): R = K rows (c1) for m = 2, 1 for m = 1; `hist.spread` lays a code table out
-    like the joint codes' bins.
+    like the joint codes' bins. factors=True returns, in place of the scores, the pair (fa [H, R, G], fb [H, K, G])
+    float32 whose products summed over G are the scores (`native.select_top` builds the table per head).
     wide=False computes the factors in float32 (half the memory traffic of float64, and no conversions): exact
     enough while the denominators stay far from underflow (checked: None is returned below _TINY32, and the
     caller re-runs wide=True); wide=True keeps float64's range for very peaked queries.
@@ -306,6 +327,8 @@ def _code_scores(lut: torch.Tensor, codes: torch.Tensor, wide: bool = False, his
     z = (torch.bmm(counts, e0.transpose(1, 2)) * e1).sum(dim=1)  # [H, G]: sum_n p_g(n) before normalising
     if not bool((z > (_TINY if wide else _TINY32)).all()):
         return None
+    if factors:  # the two factors of the table, for `native.select_top`: fa [H, R, G], fb [H, G, K]
+        return ((e1 / z[:, None, :]).float().contiguous(), e0.float().contiguous()), counts, hist.joint, hist.width
     scores = torch.bmm(e1 / z[:, None, :], e0).float()  # [H, R, K]: sum_g e1 e0 / Z_g
     return scores, counts, hist.joint, hist.width
 

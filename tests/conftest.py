@@ -71,3 +71,19 @@ def live_tensor_count() -> int:
     with warnings.catch_warnings():  # isinstance() on some lazy torch module objects warns
         warnings.simplefilter("ignore")
         return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.fixture(params=["native", "aten"])
+def cpu_path(request):
+    """Run a CPU-backend test twice: through the native kernels (`kernels/native.py`, what the backend picks where a C
+    compiler works) and through the ATen path (what it falls back to without one). The native run is skipped, not
+    silently turned into an ATen run, where the kernels cannot be compiled."""
+    from pqpatch.kernels import native
+
+    if request.param == "aten":
+        with native.disabled():
+            yield "aten"
+    else:
+        if not native.available():
+            pytest.skip(f"native CPU kernels unavailable: {native.unavailable_reason}")
+        yield "native"

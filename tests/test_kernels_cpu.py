@@ -16,6 +16,9 @@ from pqpatch import kernels
 from pqpatch.kernels import cpu_select
 from pqpatch.kernels import reference as ref
 
+# every test runs through the native kernels and through the ATen fallback (`conftest.cpu_path`)
+pytestmark = pytest.mark.usefixtures("cpu_path")
+
 # relative slack for "strictly above": the fast path sums exp factors in float64, the reference in float32
 _REL = 1e-5
 
@@ -196,11 +199,11 @@ def test_sparse_attention_cpu_matches_reference(case, dtype):
 @pytest.mark.parametrize("case", [(1, 8, 4, 128, 128, 4000, 256, 3), (2, 2, 1, 64, 64, 2000, 997, 0),
                                   (3, 2, 8, 256, 128, 2000, 300, 17), (1, 1, 4, 64, 64, 1500, 255, 40)],
                          ids=lambda c: "b{}h{}g{}d{}dv{}n{}run{}gap{}".format(*c))
-def test_sparse_attention_cpu_reads_a_shared_window_as_a_slice(case, dtype, monkeypatch):
+def test_sparse_attention_cpu_reads_a_shared_window_as_a_slice(case, dtype, monkeypatch, cpu_path):
     """idx laid out as a decode step lays it out: [sink | scattered top-k | window], the window the same
-    consecutive positions in every row (with -1 holes before it): a bfloat16 cache reads it as a slice
-    (`_common_run`), and every dtype equals the reference; a run shorter than _MIN_RUN (255) or broken in one row
-    is gathered like the rest."""
+    consecutive positions in every row (with -1 holes before it): on the ATen path a bfloat16 cache reads it as a
+    slice (`_common_run`), and every dtype equals the reference; a run shorter than _MIN_RUN (255) or broken in one
+    row is gathered like the rest. The native kernels read every listed row directly: no run is looked for."""
     from pqpatch.kernels import cpu_attention
 
     b, hkv, g, d, dv, n, run, gap = case
@@ -225,7 +228,7 @@ def test_sparse_attention_cpu_reads_a_shared_window_as_a_slice(case, dtype, monk
         torch.testing.assert_close(lse, lse_r, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out.float(), out_r.float(), rtol=1e-5 if dtype == torch.float32 else 1.6e-2,
                                    atol=1e-5 if dtype == torch.float32 else 1e-2)
-        if dtype == torch.float32:  # float32 rows are always gathered (measured faster), no run is looked for
+        if dtype == torch.float32 or cpu_path == "native":  # float32 rows are always gathered (measured faster)
             assert seen == []
         elif ix is idx:  # the whole window is one shared run (unless it is too short)
             want = None if run < cpu_attention._MIN_RUN else (4 + 97 + gap, 4 + 97 + gap + run, w0)

@@ -13,6 +13,9 @@ from pqpatch import kernels
 from pqpatch.kernels import cpu_attention
 from pqpatch.kernels.log_partition import log_partition_ref
 
+# every test runs through the native kernels and through the ATen fallback (`conftest.cpu_path`)
+pytestmark = pytest.mark.usefixtures("cpu_path")
+
 CASES = [  # (b, hkv, g, d, n, k, r, dtype)
     (1, 2, 1, 64, 1, 1, 2, torch.float32),
     (1, 2, 4, 64, 17, 4, 2, torch.float32),
@@ -75,26 +78,38 @@ def test_fused_cpu_equals_the_reference_composition(case, seed, k_valid, with_lo
     torch.testing.assert_close(t_out, want_out, rtol=0, atol=0)
 
 
-def test_fused_cpu_reads_each_selected_key_once(monkeypatch):
-    """The fused path reads R shortlist key rows + F fixed key rows per head; the two ops read k more."""
+def test_fused_cpu_reads_each_selected_key_once(monkeypatch, cpu_path):
+    """The fused path reads R shortlist key rows + F fixed key rows per head; the two ops read k more. Counted at
+    the key-row reader of each path: `_gather_logits` (ATen) or `native.gather_logits`, which skips -1 entries."""
     q, keys, values, short, fixed, log_z = _case(3, 1, 2, 4, 64, 1000, 100, 2, torch.float32, True)
     key_rows = []
-    real = cpu_attention._gather_logits
-
-    def spy(qf, src, rows, chunk):
-        key_rows.append(rows.shape[1])
-        return real(qf, src, rows, chunk)
-
-    monkeypatch.setattr(cpu_attention, "_gather_logits", spy)
     import pqpatch.kernels.cpu_rerank as cr
+    from pqpatch.kernels import native
 
-    monkeypatch.setattr(cr, "_gather_logits", spy)
+    if cpu_path == "native":
+        real_native = native.gather_logits
+
+        def spy_native(qf, src, rows):
+            key_rows.append(int((rows >= 0).sum(-1).max()))
+            return real_native(qf, src, rows)
+
+        monkeypatch.setattr(native, "gather_logits", spy_native)
+    else:
+        real = cpu_attention._gather_logits
+
+        def spy(qf, src, rows, chunk):
+            key_rows.append(rows.shape[1])
+            return real(qf, src, rows, chunk)
+
+        monkeypatch.setattr(cpu_attention, "_gather_logits", spy)
+        monkeypatch.setattr(cr, "_gather_logits", spy)
     kernels.rerank_attention(q, keys, values, short, fixed, 100, 0.125, backend="cpu", log_z=log_z)
     fused = sum(key_rows)
     key_rows.clear()
     top = kernels.rerank_topk(q, keys, short, 100, 0.125, backend="cpu", log_z=log_z)
     kernels.sparse_decode_attention(q, keys, values, torch.cat([fixed, top], -1), 0.125, backend="cpu")
     two_ops = sum(key_rows)
+    assert (fixed >= 0).all()
     assert fused == int((short >= 0).sum(-1).max()) + fixed.shape[-1]  # the -1 tail of the shortlist is not read
     assert two_ops == fused + 100
 

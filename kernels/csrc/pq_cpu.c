@@ -1,0 +1,254 @@
+/* Native CPU kernels of pqpatch's decode step (loaded through ctypes by kernels/native.py; plain C, no headers
+ * beyond the C library, so it compiles in about a second with the system compiler and needs no torch headers).
+ *
+ * Why native: a sparse decode step reads a few thousand scattered K/V rows (256-512 bytes) per KV head. Through
+ * ATen that is index_select (a copy) then a matmul; the copy is latency bound (the hardware prefetchers do not
+ * follow a scattered row list) and the rows are written and read a second time. Here each row is read once, in
+ * the listed order, with software prefetches issued ahead from the index list itself: to L2 `PF_FAR` rows ahead
+ * (enough misses in flight to cover DRAM latency) and to L1 `PF_NEAR` rows ahead, and the dot products (or the
+ * value accumulation) happen while the row is in L1. Measured on the 2-core CI VM (AMD EPYC, 1 thread, 32K x 8
+ * heads x 128 float32 keys on huge pages, 6820 ascending rows per head): 2.5 ms vs 7.8 ms for index_select + bmm.
+ *
+ * Layout conventions (all arrays contiguous, row-major):
+ *   q      [T, G, D]   float32   one query group per row list (T = B * Hkv lists)
+ *   src    [R, D]      float32 / bfloat16 / float16 rows of the flattened cache (row r = (b * Hkv + h) * N + n)
+ *   rows   [T, S]      int64     row numbers into src; a negative entry is skipped (not read)
+ *   logits [T, G, S]   float32   written: q . row for every listed row (0 for a skipped entry)
+ *   p      [T, G, S]   float32   softmax weights (a skipped entry's weight is ignored)
+ *   out    [T, G, Dv]  float32   accumulated: out += sum_s p[:, :, s] * row_s
+ * dtype codes: 0 float32, 1 bfloat16, 2 float16.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define PF_FAR 32
+#define PF_NEAR 4
+#define MAX_DIM 1024
+
+static inline void prefetch_row(const char *base, int64_t row, int64_t row_bytes, int far) {
+    const char *p = base + row * row_bytes;
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+        if (far) __builtin_prefetch(p + b, 0, 1);
+        else __builtin_prefetch(p + b, 0, 3);
+    }
+}
+
+static inline void widen_bf16(const uint16_t *x, float *y, int64_t d) {
+    for (int64_t i = 0; i < d; i++) {
+        uint32_t u = (uint32_t)x[i] << 16;
+        memcpy(&y[i], &u, 4);
+    }
+}
+
+#ifdef __FLT16_MAX__
+static inline void widen_f16(const _Float16 *x, float *y, int64_t d) {
+    for (int64_t i = 0; i < d; i++) y[i] = (float)x[i];
+}
+#define HAS_F16 1
+#else
+#define HAS_F16 0
+#endif
+
+/* one row as float32: the row itself for float32, else widened into buf */
+static inline const float *row_f32(const char *src, int dtype, int64_t row, int64_t d, float *buf) {
+    if (dtype == 0) return (const float *)src + row * d;
+    if (dtype == 1) { widen_bf16((const uint16_t *)src + row * d, buf, d); return buf; }
+#if HAS_F16
+    widen_f16((const _Float16 *)src + row * d, buf, d);
+#endif
+    return buf;
+}
+
+static inline int64_t elem_bytes(int dtype) { return dtype == 0 ? 4 : 2; }
+
+/* Whether this build has the dtype (float16 needs the compiler's _Float16). */
+int pq_has_dtype(int dtype) { return dtype == 0 || dtype == 1 || (dtype == 2 && HAS_F16); }
+
+/* logits[t, g, s] = q[t, g] . src[rows[t, s]]; 0 where rows[t, s] < 0. Returns 0, or -1 for a bad argument. */
+int pq_gather_logits(const float *q, const void *src, int dtype, const int64_t *rows, int64_t t_count,
+                     int64_t g_count, int64_t s_count, int64_t d, float *logits) {
+    if (!pq_has_dtype(dtype) || d <= 0 || d > MAX_DIM) return -1;
+    const char *base = (const char *)src;
+    const int64_t rb = d * elem_bytes(dtype), total = t_count * s_count;
+    float buf[MAX_DIM];
+    for (int64_t i = 0; i < total; i++) {  /* flat over (t, s): the prefetch runs on across row lists */
+        if (i + PF_FAR < total && rows[i + PF_FAR] >= 0) prefetch_row(base, rows[i + PF_FAR], rb, 1);
+        if (i + PF_NEAR < total && rows[i + PF_NEAR] >= 0) prefetch_row(base, rows[i + PF_NEAR], rb, 0);
+        const int64_t t = i / s_count, s = i - t * s_count;
+        float *lo = logits + t * g_count * s_count + s;
+        if (rows[i] < 0) {
+            for (int64_t g = 0; g < g_count; g++) lo[g * s_count] = 0.0f;
+            continue;
+        }
+        const float *k = row_f32(base, dtype, rows[i], d, buf);
+        const float *qt = q + t * g_count * d;
+        for (int64_t g = 0; g < g_count; g++) {
+            const float *qg = qt + g * d;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t j = 0; j < d; j++) acc += qg[j] * k[j];
+            lo[g * s_count] = acc;
+        }
+    }
+    return 0;
+}
+
+/* out[t, g, :] += sum_s p[t, g, s] * src[rows[t, s]]; entries with rows[t, s] < 0 are skipped. */
+int pq_gather_values(const float *p, const void *src, int dtype, const int64_t *rows, int64_t t_count,
+                     int64_t g_count, int64_t s_count, int64_t dv, float *out) {
+    if (!pq_has_dtype(dtype) || dv <= 0 || dv > MAX_DIM) return -1;
+    const char *base = (const char *)src;
+    const int64_t rb = dv * elem_bytes(dtype), total = t_count * s_count;
+    float buf[MAX_DIM];
+    for (int64_t i = 0; i < total; i++) {
+        if (i + PF_FAR < total && rows[i + PF_FAR] >= 0) prefetch_row(base, rows[i + PF_FAR], rb, 1);
+        if (i + PF_NEAR < total && rows[i + PF_NEAR] >= 0) prefetch_row(base, rows[i + PF_NEAR], rb, 0);
+        if (rows[i] < 0) continue;
+        const int64_t t = i / s_count, s = i - t * s_count;
+        const float *v = row_f32(base, dtype, rows[i], dv, buf);
+        const float *pt = p + t * g_count * s_count + s;
+        float *ot = out + t * g_count * dv;
+        for (int64_t g = 0; g < g_count; g++) {
+            const float w = pt[g * s_count];
+            if (w == 0.0f) continue;  /* an exp that underflowed, or a masked slot: nothing to add */
+            float *og = ot + g * dv;
+#pragma omp simd
+            for (int64_t j = 0; j < dv; j++) og[j] += w * v[j];
+        }
+    }
+    return 0;
+}
+
+/* ---- top-k selection over non-negative float scores (the PQ shortlist) ----------------------------------------
+ * For each of `rows` rows of n scores: the kk best, ties at the k-th score going to the earliest positions, joined
+ * with up to x extra positions (-1 = none), written ascending then -1: out [rows, kk + x] int64. Non-negative floats
+ * order like their bits, so the k-th largest is found by a radix select on the bits: one counting pass over 2048
+ * buckets of the high bits, then the bucket's members (compacted) are resolved with two more digit passes.
+ * thr_out [rows]: the k-th largest score. work, cand: [n] uint32 scratch; flag: [n] bytes, all zero (left zero).
+ * Return codes: 0; -2 when a score is NaN or negative (the caller reports it); -1 for a bad argument.
+ */
+static int64_t pick_digit(const int64_t *hist, int64_t nb, int64_t *need) {
+    int64_t cum = 0;
+    for (int64_t d = nb - 1; d >= 0; d--) {
+        if (cum + hist[d] >= *need) { *need -= cum; return d; }
+        cum += hist[d];
+    }
+    return 0;  /* unreachable when need <= number of keys */
+}
+
+static inline int key_of(float s, uint32_t *key) {
+    if (!(s >= 0.0f)) return -2;  /* NaN or negative */
+    uint32_t u;
+    memcpy(&u, &s, 4);
+    *key = u & 0x7fffffffu;  /* -0.0 reads as 0 */
+    return 0;
+}
+
+/* one row: keys work[0..n) -> out[0..kk+x), thr_out */
+static void select_row(const uint32_t *work, uint32_t *cand, uint8_t *flag, int64_t n, int64_t kk,
+                       const int64_t *ex, int64_t x, int64_t *o, float *thr_out) {
+    int64_t hist[2048];
+    memset(hist, 0, sizeof(hist));
+    for (int64_t i = 0; i < n; i++) hist[work[i] >> 20]++;  /* bits 30..20 (keys < 2^31) */
+    int64_t need = kk;
+    const uint32_t d1 = (uint32_t)pick_digit(hist, 2048, &need);
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {  /* branch-free compaction: the bucket test is unpredictable */
+        cand[m] = work[i];
+        m += (work[i] >> 20) == d1;
+    }
+    memset(hist, 0, sizeof(hist));
+    for (int64_t i = 0; i < m; i++) hist[(cand[i] >> 9) & 2047]++;  /* bits 19..9 among the bucket's members */
+    const uint32_t d2 = (uint32_t)pick_digit(hist, 2048, &need);
+    int64_t m2 = 0;
+    for (int64_t i = 0; i < m; i++) {
+        const uint32_t k = cand[i];
+        cand[m2] = k;
+        m2 += ((k >> 9) & 2047) == d2;
+    }
+    memset(hist, 0, 512 * sizeof(int64_t));
+    for (int64_t i = 0; i < m2; i++) hist[cand[i] & 511]++;  /* bits 8..0 */
+    const uint32_t d3 = (uint32_t)pick_digit(hist, 512, &need);
+    const uint32_t thr = (d1 << 20) | (d2 << 9) | d3;  /* need: how many keys equal to thr to take */
+    memcpy(thr_out, &thr, 4);
+    /* emit, in position order: above thr, the first `need` ties, and the extra positions */
+    for (int64_t j = 0; j < x; j++)
+        if (ex[j] >= 0 && ex[j] < n) flag[ex[j]] = 1;
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++) {  /* branch-free: a position is written always (into cand: index c <= i < n,
+                                          in bounds) and kept when selected */
+        const uint32_t k = work[i];
+        const int64_t tie = (k == thr) & (need > 0);
+        need -= tie;
+        cand[c] = (uint32_t)i;
+        c += (k > thr) | tie | flag[i];
+    }
+    for (int64_t j = 0; j < c; j++) o[j] = cand[j];
+    for (int64_t j = 0; j < x; j++)
+        if (ex[j] >= 0 && ex[j] < n) flag[ex[j]] = 0;
+    for (; c < kk + x; c++) o[c] = -1;
+}
+
+/* scores: [rows, n] float32 */
+int pq_select_top(const float *scores, int64_t rows, int64_t n, int64_t kk, const int64_t *extra, int64_t x,
+                  int64_t *out, float *thr_out, uint32_t *work, uint32_t *cand, uint8_t *flag) {
+    if (kk <= 0 || kk > n) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        int bad = 0;
+        const float *sr = scores + r * n;
+        for (int64_t i = 0; i < n; i++) {  /* vectorisable: the check is accumulated, not branched on */
+            uint32_t u;
+            memcpy(&u, &sr[i], 4);
+            bad |= !(sr[i] >= 0.0f);
+            work[i] = u & 0x7fffffffu;  /* -0.0 reads as 0 */
+        }
+        if (bad) return -2;  /* NaN or negative */
+        select_row(work, cand, flag, n, kk, extra ? extra + r * x : 0, x, out + r * (kk + x), thr_out + r);
+    }
+    return 0;
+}
+
+/* The PQ group score of token i of row r, from its codes (c0, c1) and two small per-row factor tables:
+ *   score = sum_g fa[r, c1, g] * fb[r, g, c0]
+ * (fa = exp(lut1 - max) / Z_g, fb = exp(lut0 - max): the factorised softmax of `cpu_select._code_scores`; m = 1
+ * passes one fa row and reads c1 = 0). The row's code table tab[c1, c0] (R x K floats: 256 KB for b = 8, in L2) is
+ * built first, vectorised over c0, then read once per token: cheaper than G products per token, and than one
+ * table for all rows (2 MB for 8 heads, a lookup per token then misses L2).
+ * fa: [rows, R, G]; fb: [rows, G, K]; codes: uint8, token i of row r at codes + r * cs0 + i * cs1 (c0, then c1 at
+ * +1 when m = 2); tab: [R * K] float32 scratch. */
+int pq_select_top_pq(const float *fa, const float *fb, const uint8_t *codes, int64_t cs0, int64_t cs1, int64_t m,
+                     int64_t g, int64_t r_count, int64_t kc, int64_t rows, int64_t n, int64_t kk,
+                     const int64_t *extra, int64_t x, int64_t *out, float *thr_out, uint32_t *work, uint32_t *cand,
+                     uint8_t *flag, float *tab) {
+    if (kk <= 0 || kk > n || g <= 0 || (m != 1 && m != 2) || kc <= 0 || kc > 256 || r_count <= 0
+        || (m == 1 && r_count != 1))
+        return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *ta = fa + r * r_count * g, *tb = fb + r * g * kc;
+        for (int64_t c1 = 0; c1 < r_count; c1++) {
+            float *t = tab + c1 * kc;
+            const float *a = ta + c1 * g;
+            for (int64_t c0 = 0; c0 < kc; c0++) t[c0] = a[0] * tb[c0];
+            for (int64_t j = 1; j < g; j++) {
+                const float aj = a[j], *b = tb + j * kc;
+                for (int64_t c0 = 0; c0 < kc; c0++) t[c0] += aj * b[c0];
+            }
+        }
+        const uint8_t *cr = codes + r * cs0;
+        int bad = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const uint8_t *c = cr + i * cs1;
+            const int64_t c0 = c[0], c1 = m == 2 ? c[1] : 0;
+            bad |= (c0 >= kc) | (c1 >= r_count);
+            const float sc = tab[(c1 < r_count ? c1 : 0) * kc + (c0 < kc ? c0 : 0)];
+            uint32_t u;
+            memcpy(&u, &sc, 4);
+            bad |= (!(sc >= 0.0f)) << 1;
+            work[i] = u & 0x7fffffffu;
+        }
+        if (bad & 1) return -1;  /* a code beyond the centroids */
+        if (bad) return -2;      /* NaN or negative */
+        select_row(work, cand, flag, n, kk, extra ? extra + r * x : 0, x, out + r * (kk + x), thr_out + r);
+    }
+    return 0;
+}

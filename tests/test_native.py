@@ -1,0 +1,229 @@
+"""The native CPU kernels (`kernels/native.py`, `kernels/csrc/pq_cpu.c`) against plain PyTorch on fresh random inputs,
+odd sizes included, and the fallback to the ATen path when they cannot be built.
+
+The ops that use them (sparse attention, re-ranking, the shortlist) are also run through both paths by
+tests/test_kernels_cpu.py and tests/test_rerank_attention.py (`conftest.cpu_path`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pqpatch import kernels
+from pqpatch.kernels import cpu_attention, native
+from pqpatch.kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: "
+                                f"{native.unavailable_reason}")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("s", [1, 17, 97, 1000])
+@pytest.mark.parametrize("t,g", [(1, 1), (3, 4), (2, 8)])
+def test_gather_logits_and_values_match_torch(dtype, d, s, t, g):
+    """q . row and sum_s p * row for listed rows, skipped (-1) entries not read (0 logit, no contribution)."""
+    gen = _gen(s * 7 + d + t)
+    r = 1500
+    src = torch.randn(r, d, generator=gen).to(dtype)
+    q = torch.randn(t, g, d, generator=gen)
+    rows = torch.randint(0, r, (t, s), generator=gen)
+    rows[torch.rand(t, s, generator=gen) < 0.2] = -1
+    p = torch.rand(t, g, s, generator=gen)
+    rows64, ok = rows.clamp_min(0), (rows >= 0).double()
+    k64 = src.double()[rows64] * ok[..., None]  # [T, S, D]: a skipped row reads as zeros
+    want_l = torch.einsum("tgd,tsd->tgs", q.double(), k64)
+    want_v = torch.einsum("tgs,tsd->tgd", p.double(), k64)
+    torch.testing.assert_close(native.gather_logits(q, src, rows).double(), want_l, rtol=1e-5, atol=1e-4)
+    acc = torch.randn(t, g, d, generator=gen)
+    got_v = native.gather_values(p, src, rows, out=acc.clone())
+    torch.testing.assert_close(got_v.double(), want_v + acc.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_gather_rejects_bad_inputs_clearly():
+    src, q, p = torch.randn(10, 8), torch.randn(2, 1, 8), torch.rand(2, 1, 3)
+    rows = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="rows must be < R"):
+        native.gather_logits(q, src, rows + 10)
+    with pytest.raises(ValueError, match="int64"):
+        native.gather_logits(q, src, rows.int())
+    with pytest.raises(ValueError, match="contiguous"):
+        native.gather_logits(q, torch.randn(8, 10).t(), rows)
+    with pytest.raises(ValueError, match="D = 4"):
+        native.gather_logits(torch.randn(2, 1, 4), src, rows)
+    with pytest.raises(ValueError, match="do not take src"):
+        native.gather_values(p, src.double(), rows)
+    with pytest.raises(ValueError, match="rows have 3"):
+        native.gather_values(torch.rand(2, 1, 4), src, rows)
+
+
+def _select_ref(scores: torch.Tensor, kk: int, extra: torch.Tensor | None) -> list[list[int]]:
+    """Each row's kk best positions (ties: earliest first), joined with the extra positions in [0, n), ascending."""
+    out = []
+    for r, row in enumerate(scores.tolist()):
+        order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        keep = set(order[:kk])
+        if extra is not None:
+            keep |= {e for e in extra[r].tolist() if 0 <= e < len(row)}
+        out.append(sorted(keep))
+    return out
+
+
+def _rows(pos: torch.Tensor) -> list[list[int]]:
+    return [[v for v in row if v >= 0] for row in pos.tolist()]
+
+
+@pytest.mark.parametrize("n", [1, 17, 97, 1000, 5000])
+@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_select_top_matches_a_sort(n, frac, ties, with_extra):
+    """The kk best (ties to the earliest positions), joined with extra positions (-1, duplicates of selected ones
+    and out-of-range ones ignored), ascending then -1; thr is the kk-th largest score."""
+    gen = _gen(n + int(frac * 10) + 100 * ties + 1000 * with_extra)
+    rows, kk = 3, max(1, int(frac * n))
+    scores = torch.rand(rows, n, generator=gen)
+    if ties:  # few distinct values, zeros included: many ties at the threshold
+        scores = (scores * 4).floor() / 4
+    scores[0, : n // 2] *= 1e-30  # tiny (denormal-range) scores still order by their bits
+    extra = None
+    if with_extra:
+        extra = torch.randint(-1, n + 3, (rows, 7), generator=gen)
+    pos, thr = native.select_top(rows, n, kk, scores=scores, extra=extra)
+    assert pos.shape == (rows, kk + (0 if extra is None else 7))
+    assert _rows(pos) == _select_ref(scores, kk, extra)
+    for r in range(rows):  # valid entries first, then -1
+        v = pos[r].tolist()
+        assert v[: len(_rows(pos[r:r + 1])[0])] == _rows(pos[r:r + 1])[0] and all(x == -1 for x in v[len(_rows(pos[r:r + 1])[0]):])
+    torch.testing.assert_close(thr, scores.topk(kk, dim=-1).values[:, -1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("kc", [1, 16, 64, 256])
+@pytest.mark.parametrize("g", [1, 4, 8])
+@pytest.mark.parametrize("n", [17, 1000])
+def test_select_top_pq_scores_tokens_through_their_codes(m, kc, g, n):
+    """factors=(fa, fb, codes): token i scores sum_g fa[c1, g] * fb[g, c0]. Small integer factors keep every
+    float32 sum exact, so the result must equal the sort rule on the exact scores (ties included), also for codes
+    read with a stride (a slice of a longer code buffer)."""
+    gen = _gen(m * 1000 + kc + g + n)
+    rows = 3
+    r = kc if m == 2 else 1
+    fa = torch.randint(0, 4, (rows, r, g), generator=gen).float()
+    fb = torch.randint(0, 4, (rows, g, kc), generator=gen).float()
+    codes = torch.randint(0, kc, (rows, n + 9, m), generator=gen, dtype=torch.uint8)[:, 5:5 + n]
+    c0 = codes[..., 0].long()
+    c1 = codes[..., 1].long() if m == 2 else torch.zeros_like(c0)
+    scores = torch.stack([(fa[h][c1[h]] * fb[h].t()[c0[h]]).sum(-1) for h in range(rows)])  # exact integers
+    kk = max(1, n // 5)
+    extra = torch.randint(-1, n, (rows, 4), generator=gen)
+    pos, thr = native.select_top(rows, n, kk, factors=(fa, fb, codes), extra=extra)
+    assert _rows(pos) == _select_ref(scores, kk, extra)
+    torch.testing.assert_close(thr, scores.topk(kk, dim=-1).values[:, -1], rtol=0, atol=0)
+
+
+def test_select_top_rejects_nan_and_bad_arguments():
+    s = torch.rand(2, 10)
+    s[1, 3] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or negative"):
+        native.select_top(2, 10, 3, scores=s)
+    with pytest.raises(RuntimeError, match="NaN or negative"):
+        native.select_top(2, 10, 3, scores=-torch.rand(2, 10))
+    with pytest.raises(ValueError, match="0 < kk <= n"):
+        native.select_top(2, 10, 11, scores=torch.rand(2, 10))
+    codes = torch.full((2, 10, 2), 9, dtype=torch.uint8)  # codes beyond 8 centroids
+    with pytest.raises(ValueError, match="beyond the centroids"):
+        native.select_top(2, 10, 3, factors=(torch.rand(2, 8, 4), torch.rand(2, 4, 8), codes))
+
+
+@pytest.mark.parametrize("layout", ["slice", "permuted"])
+def test_attention_over_a_slice_reads_the_buffer_in_place(layout):
+    """A cache that is a slice of a longer buffer (a PQ layer's preallocated K/V) is read through `native_rows`
+    without a copy; a layout whose rows are not evenly spaced takes the ATen path. Both equal the reference."""
+    gen = _gen(5)
+    b, h, g, d, n = 2, 3, 4, 64, 57
+    if layout == "slice":
+        big_k = torch.randn(b, h, 100, d, generator=gen)
+        big_v = torch.randn(b, h, 100, d, generator=gen)
+        keys, values = big_k[:, :, :n], big_v[:, :, :n]
+        src, base = cpu_attention.native_rows(keys)
+        assert src.data_ptr() == big_k.data_ptr() and base.tolist() == [i * 100 for i in range(b * h)]
+    else:
+        keys = torch.randn(b, n, h, d, generator=gen).transpose(1, 2)  # rows of one head are h * d apart
+        values = torch.randn(b, n, h, d, generator=gen).transpose(1, 2)
+        assert cpu_attention.native_rows(keys) is None
+    q = torch.randn(b, h, g, d, generator=gen)
+    idx = torch.stack([torch.randperm(n, generator=gen)[:20] for _ in range(b * h)]).view(b, h, 20)
+    idx[0, 0, 3] = -1
+    out, lse = kernels.sparse_decode_attention(q, keys, values, idx, d ** -0.5, backend="cpu")
+    out_r, lse_r = ref.sparse_decode_attention_ref(q, keys, values, idx, d ** -0.5)
+    torch.testing.assert_close(out, out_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, lse_r, rtol=1e-5, atol=1e-5)
+
+
+_PROBE = """
+import logging, torch
+logging.basicConfig(level=logging.WARNING)
+from pqpatch import kernels
+from pqpatch.kernels import native, reference as ref
+print("available", native.available())
+print("reason", native.unavailable_reason)
+q, k, v = torch.randn(1, 2, 4, 64), torch.randn(1, 2, 50, 64), torch.randn(1, 2, 50, 64)
+idx = torch.randint(0, 50, (1, 2, 9))
+out, lse = kernels.sparse_decode_attention(q, k, v, idx, 0.125, backend="cpu")
+out_r, lse_r = ref.sparse_decode_attention_ref(q, k, v, idx, 0.125)
+torch.testing.assert_close(out, out_r, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("how", ["disabled", "no_compiler"])
+def test_fallback_is_logged_and_correct(how, tmp_path):
+    """Without the kernels (PQPATCH_NATIVE=0, or a compiler that fails) the CPU backend runs its ATen path with the
+    same results; the reason is kept in `native.unavailable_reason` and logged once."""
+    env = dict(os.environ, PQPATCH_CACHE=str(tmp_path))
+    if how == "disabled":
+        env["PQPATCH_NATIVE"] = "0"
+    else:
+        env["CC"] = str(tmp_path / "no-such-cc")
+    res = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "available False" in res.stdout and "ok" in res.stdout
+    want = "PQPATCH_NATIVE=0" if how == "disabled" else "could not be compiled"
+    assert want in res.stdout and want in res.stderr  # recorded, and logged
+
+
+def test_compiled_library_is_cached_per_source(tmp_path):
+    """A fresh cache directory gets one shared object, built once and reused by the next process."""
+    env = dict(os.environ, PQPATCH_CACHE=str(tmp_path))
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0 and "available True" in res.stdout, res.stderr[-2000:]
+    assert len(list((tmp_path / "native").glob("pq_cpu-*.so"))) == 1
+    assert not list((tmp_path / "native").glob("*.so.tmp*"))
+
+
+def test_patched_model_decodes_the_same_through_both_paths():
+    """A patched model's greedy decode (PQ selection, re-ranking, sparse attention on the CPU backend) gives the
+    same tokens through the native kernels and through the ATen path."""
+    import pqpatch
+    from conftest import tiny_model
+
+    model = tiny_model("llama", layers=2, heads=8, kv_heads=2, head_dim=64)
+    pqpatch.patch_model(model, pqpatch.PQCacheConfig(token_budget=0.3, min_context=16, sink_tokens=2,
+                                                     local_tokens=0.25, kmeans_iters=3, bits=4))
+    ids = torch.randint(1, 96, (1, 200), generator=_gen(3))
+    kw = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    native_out = model.generate(ids, **kw)
+    with native.disabled():
+        aten_out = model.generate(ids, **kw)
+    pqpatch.unpatch_model(model)
+    assert torch.equal(native_out, aten_out)

@@ -42,13 +42,24 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+def _cache_buffer(x: torch.Tensor) -> torch.Tensor:
+    """x in the memory a PQ layer's cache lives in: on CPU transparent huge pages where the kernel offers them
+    (`pqpatch.hugepages`, what `PQLayer` allocates its K/V with), else x itself. Dense SDPA reads the same buffers,
+    so both sides of every ratio see the same pages."""
+    if x.device.type != "cpu":
+        return x
+    from pqpatch import hugepages
+
+    return hugepages.zeros(tuple(x.shape), x.dtype).copy_(x)
+
+
 def make_case(n: int, bits: int, dtype: torch.dtype, seed: int = 0) -> dict:
     """Random inputs of one layer step and its timed callables."""
     gen = torch.Generator(device=DEV).manual_seed(seed)
     kc = 2 ** bits
     q = torch.randn(1, HKV, G, D, generator=gen, device=DEV, dtype=dtype)
-    keys = torch.randn(1, HKV, n, D, generator=gen, device=DEV, dtype=dtype)
-    values = torch.randn(1, HKV, n, D, generator=gen, device=DEV, dtype=dtype)
+    keys = _cache_buffer(torch.randn(1, HKV, n, D, generator=gen, device=DEV, dtype=dtype))
+    values = _cache_buffer(torch.randn(1, HKV, n, D, generator=gen, device=DEV, dtype=dtype))
     cent = torch.randn(1, HKV, M, kc, D // M, generator=gen, device=DEV, dtype=dtype)
     codes = torch.randint(0, kc, (1, HKV, n, M), generator=gen, device=DEV, dtype=torch.uint8)
     lo = torch.zeros(1, dtype=torch.int64, device=DEV)

@@ -18,6 +18,11 @@ Why it is fast (m = 2 sub-spaces, b bits, K = 2**b centroids, n candidate tokens
     costs O(K^2) instead of O(n).
   * The selected set is emitted with one pass over the mask in position order (`cpu_np.row_positions`), which
     also gives the sparse attention ascending (cache-friendly) row indices.
+With the native kernels (`native.py`; the default where a C compiler works) the selection itself is one kernel
+call per sequence (`native.select_top`): each head's code table is built from the two factor tables (256 KB for
+b = 8, L2-resident), every token's score is read from it through its codes, and a radix select on the scores' bits
+plus one emitting pass give the same rule; the histogram is still built, for the denominators Z (and the
+log-partition). The weighted search over the code table and numpy's partition are the ATen fallback.
 m = 1 uses the same code-domain path; other m, and short candidate lists whose code table would be larger than 2 G n
 entries (b = 8 below ~8K tokens), score per token (the reference's arithmetic). Ties: every token
 scoring strictly above the k-th selected score is selected; among equal scores the earliest positions are taken.
@@ -119,16 +124,21 @@ def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | 
     use_table = uses_code_table(m, kc, g, n)
     if use_table and hist is None:
         hist = joint_codes(codes, kc)
-    if use_table and (256 if m == 2 else 1) * kc >= n:  # more codes than tokens: rank tokens by a float32 table
-        fast = native.available()
-        found = _code_scores(lut, codes, hist=hist, factors=fast)
+    if use_table and native.available():
+        # the native kernel scores every token from its codes through the head's code table (built in the kernel
+        # from two factor tables; L1/L2-resident) and radix-selects: per-token work is cheap there, so this also
+        # replaces the weighted search over the code table below, whatever the table's size
+        found = _code_scores(lut, codes, hist=hist, factors=True)
+        if found is not None:
+            pos = _select_native(h, n, kk, _LOW32, extra, factors=(*found[0], codes))
+            if pos is not None:
+                return pos
+    elif use_table and (256 if m == 2 else 1) * kc >= n:  # more codes than tokens: rank tokens by a float32 table
+        found = _code_scores(lut, codes, hist=hist)
         if found is not None:
             table, _, joint, _ = found
-            if fast:  # each token's score from its two codes and two small factor tables, in the kernel
-                pos = _select_native(h, n, kk, _LOW32, extra, factors=(*table, codes))
-            else:
-                pos = _select_tokens(hist.spread(table).index_select(0, joint).view(h, n), kk, min_thr=_LOW32,
-                                     extra=extra)
+            pos = _select_tokens(hist.spread(table).index_select(0, joint).view(h, n), kk, min_thr=_LOW32,
+                                 extra=extra)
             if pos is not None:
                 return pos
         # a denominator or the threshold fell where float32 underflows: the float64 table below

@@ -137,7 +137,9 @@ CPU_TABLE_CASES = [  # (Hkv, G, D, m, bits, N, k, ranges, k_valid)
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("case", CPU_TABLE_CASES, ids=lambda c: "h{}g{}d{}m{}b{}n{}k{}{}kv{}".format(*c))
-def test_pq_shortlist_code_table_paths(backend, case):
+def test_pq_shortlist_code_table_paths(backend, case, cpu_path):
+    """The cpu backend through the native kernels (every table size: per-token scores from the head's table) and
+    through the ATen path (the table paths the comment above lists)."""
     test_pq_shortlist_matches_references_and_separate_ops(backend, case)
 
 

@@ -114,11 +114,12 @@ def uses_code_table(m: int, kc: int, g: int, n: int) -> bool:
 
 
 def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | None = None,
-            extra: torch.Tensor | None = None) -> torch.Tensor:
+            extra: torch.Tensor | None = None, z: torch.Tensor | None = None) -> torch.Tensor:
     """lut: [Hkv, m, G, K] float32; codes: [Hkv, n, m] uint8; 0 < kk < n. Returns [Hkv, kk] int64 (0-based).
     hist: the codes' `joint_codes`, when the caller already built it (`cpu_shortlist`); None builds it here if the
     code table is used. extra: optional [Hkv, X] int64 positions in [0, n) (-1 = none) joined to the selection
-    (`_emit`): then [Hkv, kk + X], ascending, -1 after."""
+    (`_emit`): then [Hkv, kk + X], ascending, -1 after. z: optional [Hkv, G] float64 softmax denominators of these
+    candidates (`log_partition.z_from_counts`), reused by the native path."""
     h, m, g, kc = lut.shape
     n = codes.shape[1]
     use_table = uses_code_table(m, kc, g, n)
@@ -128,7 +129,11 @@ def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | 
         # the native kernel scores every token from its codes through the head's code table (built in the kernel
         # from two factor tables; L1/L2-resident) and radix-selects: per-token work is cheap there, so this also
         # replaces the weighted search over the code table below, whatever the table's size
-        found = _code_scores(lut, codes, hist=hist, factors=True)
+        if z is None:  # the denominators as `pq_shortlist_cpu` computes them (float64), so both select alike
+            from .log_partition import log_z_factors, z_from_counts  # (that module imports this one)
+
+            z = z_from_counts(log_z_factors(lut[None])[0][0], hist.counts(torch.float64))
+        found = _code_scores(lut, codes, hist=hist, factors=True, z=z)
         if found is not None:
             pos = _select_native(h, n, kk, _LOW32, extra, factors=(*found[0], codes))
             if pos is not None:
@@ -313,7 +318,7 @@ def joint_codes(codes: torch.Tensor, kc: int) -> JointCodes:
 
 
 def _code_scores(lut: torch.Tensor, codes: torch.Tensor, wide: bool = False, hist: JointCodes | None = None,
-                 factors: bool = False):
+                 factors: bool = False, z: torch.Tensor | None = None):
     """Group score of every joint code (m = 1 or 2), or None if a softmax denominator underflows.
 
     lut: [Hkv, m, G, K] float32 (scaled); codes: [Hkv, n, m] uint8; hist: their `joint_codes` (None: built here).
@@ -324,21 +329,28 @@ def _code_scores(lut: torch.Tensor, codes: torch.Tensor, wide: bool = False, his
     wide=False computes the factors in float32 (half the memory traffic of float64, and no conversions): exact
     enough while the denominators stay far from underflow (checked: None is returned below _TINY32, and the
     caller re-runs wide=True); wide=True keeps float64's range for very peaked queries.
+    z: with factors=True, the denominators [H, G] float64 already computed from the same maxima
+    (`log_partition.z_from_counts`, by `pq_shortlist_cpu`): then neither the counts nor a matmul are needed, and
+    counts and joint come back as None.
     """
     h, m, g, kc = lut.shape
     dt = torch.float64 if wide else torch.float32
-    if hist is None:
-        hist = joint_codes(codes, kc)
-    counts = hist.counts(dt)
     # per-sub-space softmax factors, each <= 1 (max over all K centroids subtracted)
     e = (lut - lut.amax(dim=-1, keepdim=True)).to(dt).exp_()  # [H, m, G, K]
     e0 = e[:, 0]  # [H, G, K]: factor of c0
     e1 = e[:, 1].transpose(1, 2) if m == 2 else e.new_ones(h, 1, g)  # [H, R, G]: factor of c1
-    z = (torch.bmm(counts, e0.transpose(1, 2)) * e1).sum(dim=1)  # [H, G]: sum_n p_g(n) before normalising
+    if factors and z is not None:
+        counts = None
+        z = z.to(dt)
+    else:
+        if hist is None:
+            hist = joint_codes(codes, kc)
+        counts = hist.counts(dt)
+        z = (torch.bmm(counts, e0.transpose(1, 2)) * e1).sum(dim=1)  # [H, G]: sum_n p_g(n) before normalising
     if not bool((z > (_TINY if wide else _TINY32)).all()):
         return None
     if factors:  # the two factors of the table, for `native.select_top`: fa [H, R, G], fb [H, G, K]
-        return ((e1 / z[:, None, :]).float().contiguous(), e0.float().contiguous()), counts, hist.joint, hist.width
+        return ((e1 / z[:, None, :]).float().contiguous(), e0.float().contiguous()), counts, None, None
     scores = torch.bmm(e1 / z[:, None, :], e0).float()  # [H, R, K]: sum_g e1 e0 / Z_g
     return scores, counts, hist.joint, hist.width
 

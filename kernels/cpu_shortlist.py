@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .cpu_select import _check_inputs, _emit, _select, joint_codes, mark, pq_lut, pq_topk_cpu
-from .log_partition import log_partition_ref, log_z_factors, log_z_from_counts
+from .log_partition import log_partition_ref, log_z_factors, z_from_counts
 
 __all__ = ["pq_shortlist_cpu"]
 
@@ -59,7 +59,8 @@ def pq_shortlist_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.
             continue  # no candidate: idx stays -1, log_z -inf
         c = codes[bi, :, a:e]
         hist = joint_codes(c, kc)  # the one per-token pass over this sequence's codes
-        log_z[bi] = log_z_from_counts(ex[bi], shift[bi], hist.counts(torch.float64))
+        z = z_from_counts(ex[bi], hist.counts(torch.float64))  # [Hkv, G] float64, also the top-k's denominators
+        log_z[bi] = (z.log() + shift[bi]).float()  # = log_z_from_counts(ex[bi], shift[bi], counts)
         kb = min(kk, e - a)
         extra = None if x == 0 else _relative(outliers[bi], a, e)
         if kb == e - a:  # every candidate fits (outliers included): no scoring needed
@@ -70,7 +71,7 @@ def pq_shortlist_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.
                 pos = _emit(torch.zeros(h, e - a, dtype=torch.bool), 0, extra)
                 out[bi, :, :x] = torch.where(pos >= 0, pos + a, -1)
             continue
-        pos = _select(lut[bi], c, kb, hist, extra)  # [Hkv, kb (+ X)] relative positions, -1 after
+        pos = _select(lut[bi], c, kb, hist, extra, z=z)  # [Hkv, kb (+ X)] relative positions, -1 after
         out[bi, :, :pos.shape[1]] = pos.add_(a) if extra is None else torch.where(pos >= 0, pos + a, -1)
     return out, log_z
 

@@ -131,10 +131,16 @@ def log_z_from_counts(ex: torch.Tensor, shift: torch.Tensor, counts: torch.Tenso
     """One sequence's log-partition [Hkv, G] float32 from its `log_z_factors` (ex [Hkv, m, G, K], shift [Hkv, G]) and
     the float64 histogram of its candidates' codes, counts [Hkv, rows, K] (`JointCodes.counts`); m <= 2. -inf for a
     head whose sum underflows float64."""
+    return (z_from_counts(ex, counts).log() + shift).float()
+
+
+def z_from_counts(ex: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The softmax denominators before the shift, [Hkv, G] float64: sum over candidates of exp(lut0 - max0) *
+    exp(lut1 - max1), from `log_z_factors`' ex [Hkv, m, G, K] and counts [Hkv, rows, K] float64 (m <= 2). The top-k
+    of `pq_shortlist_cpu` reuses them (`cpu_select._code_scores(z=...)`) instead of recomputing them in float32."""
     # z[h, g, c1] = sum_c0 exp(lut0[g, c0]) C[c1, c0] (this operand order is MKL's fastest for the shape)
     z = torch.bmm(ex[:, 0], counts.transpose(1, 2))  # [Hkv, G, K] x [Hkv, K, rows] -> [Hkv, G, rows]
-    z = (z * ex[:, 1]).sum(dim=-1) if ex.shape[1] == 2 else z[..., 0]  # [Hkv, G]
-    return (z.log() + shift).float()
+    return (z * ex[:, 1]).sum(dim=-1) if ex.shape[1] == 2 else z[..., 0]  # [Hkv, G]
 
 
 def _joint_histogram(c: torch.Tensor, kc: int) -> torch.Tensor:

@@ -37,17 +37,20 @@ def residual_query(query: torch.Tensor, stages: int) -> torch.Tensor:
     return query.repeat(1, 1, 1, stages)
 
 
-def rq_assign_ref(keys: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def rq_assign_ref(keys: torch.Tensor, centroids: torch.Tensor, sq: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy residual codes: stage s takes the centroid nearest to what stages < s left.
 
-    keys: [B, Hkv, T, D]; centroids: [B, Hkv, S, K, D]. Returns codes [B, Hkv, T, S] uint8.
+    keys: [B, Hkv, T, D]; centroids: [B, Hkv, S, K, D]; sq: optional [B, Hkv, S, K] float32, the centroids' squared
+    norms (sum over D of c * c) when the caller keeps them (a decode step encodes one token per layer: recomputing
+    them read the whole codebook every step). Returns codes [B, Hkv, T, S] uint8.
     """
     r = keys.float()
     c = centroids.float()
     codes = []
     for s in range(c.shape[2]):
         cs = c[:, :, s]  # [B, Hkv, K, D]
-        dist = (cs * cs).sum(-1)[:, :, None, :] - 2.0 * torch.einsum("bhtd,bhkd->bhtk", r, cs)
+        norms = (cs * cs).sum(-1) if sq is None else sq[:, :, s]  # [B, Hkv, K]
+        dist = norms[:, :, None, :] - 2.0 * torch.einsum("bhtd,bhkd->bhtk", r, cs)
         a = dist.argmin(-1)  # [B, Hkv, T]
         r = r - torch.gather(cs, 2, a[..., None].expand(*a.shape, cs.shape[-1]))
         codes.append(a)

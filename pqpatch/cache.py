@@ -92,6 +92,7 @@ class PQLayer(StaticLayer):
         self.active = False  # sparse decoding on (prompt >= min_context)
         self.future: Future | None = None
         self.centroids: torch.Tensor | None = None  # [B, Hkv, m, K, Ds] float32
+        self.centroid_sq: torch.Tensor | None = None  # [B, Hkv, m, K] float32: |c|^2, for encoding new keys
         self.codes: torch.Tensor | None = None  # [B, Hkv, max_len, m] uint8
         self.pages: QuestPages | None = None
         self.snap_idx: torch.Tensor | None = None  # [B, Hkv, topk_slots] the "snapkv" selection
@@ -280,6 +281,9 @@ class PQLayer(StaticLayer):
             self.codes = torch.zeros(b, h, self.max_cache_len, m, dtype=torch.uint8, device=self.device)
             torch._dynamo.mark_static_address(self.centroids)
             torch._dynamo.mark_static_address(self.codes)
+            if c.quantizer == "residual":  # squared norms of the stages' centroids, computed once by `sync`
+                self.centroid_sq = torch.zeros(b, h, m, c.num_centroids, device=self.device)
+                torch._dynamo.mark_static_address(self.centroid_sq)
             n_out = c.outlier_slots(self.context_len)
             if n_out > 0:  # filled by `sync`, read by every re-ranked step (`_rerank_decode`)
                 self.outliers = torch.full((b, h, n_out), -1, dtype=torch.long, device=self.device)
@@ -311,7 +315,7 @@ class PQLayer(StaticLayer):
         if self.cfg.quantizer == "residual":
             from .kernels.quality import rq_assign_ref
 
-            return rq_assign_ref(keys, self.centroids)
+            return rq_assign_ref(keys, self.centroids, self.centroid_sq)
         return kernels.pq_assign(keys, self.centroids, backend=self.cfg.backend)
 
     def _host_ready(self) -> torch.cuda.Event | None:
@@ -326,6 +330,8 @@ class PQLayer(StaticLayer):
         book = self.future.result()
         self.future = None
         self.centroids.copy_(book.centroids)
+        if self.centroid_sq is not None:  # once per codebook, not once per decode step and layer
+            self.centroid_sq.copy_((self.centroids * self.centroids).sum(-1))
         starts = self.start.tolist()
         for i, q in enumerate(book.codes):
             lo = starts[i] + self.sink

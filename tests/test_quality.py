@@ -410,3 +410,16 @@ def test_quality_config_is_validated():
         PQCacheConfig(rerank=0)
     with pytest.raises(ValueError, match="rerank"):
         PQCacheConfig(rerank=2, offload=True)
+
+
+@pytest.mark.parametrize("t,d,k", [(1, 64, 256), (17, 128, 16), (97, 256, 64)])
+def test_rq_assign_with_cached_norms_equals_recomputed(t, d, k):
+    """The decode step encodes new keys with the centroids' squared norms kept by the layer (`PQLayer.centroid_sq`,
+    computed once per codebook); the codes equal those computed with the norms recomputed."""
+    from pqpatch.kernels.quality import rq_assign_ref
+
+    gen = torch.Generator().manual_seed(t + d + k)
+    keys = torch.randn(2, 3, t, d, generator=gen)
+    cent = torch.randn(2, 3, 2, k, d, generator=gen)
+    sq = (cent * cent).sum(-1)
+    assert torch.equal(rq_assign_ref(keys, cent, sq), rq_assign_ref(keys, cent))

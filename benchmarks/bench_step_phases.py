@@ -8,7 +8,10 @@ fixed (sink + window) slots alone, the whole `decode`, and dense SDPA over the s
 ATen ops of the whole decode (torch.profiler, self time); --primitives times the CPU selection primitives
 (`kernels.cpu_np`) against the torch calls they replace on random rows of the step's sizes.
 
-    python benchmarks/bench_step_phases.py [--n 32768] [--dtype float32|bfloat16] [--profile] [--primitives]
+--aten times the same parts again with the native CPU kernels turned off (`kernels.native.disabled()`: the ATen
+fallback), in the same process: the before/after of the native kernels.
+
+    python benchmarks/bench_step_phases.py [--n 32768] [--dtype float32|bfloat16] [--profile] [--primitives] [--aten]
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--primitives", action="store_true")
+    ap.add_argument("--aten", action="store_true", help="also time the ATen fallback (native kernels off)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
@@ -98,8 +102,19 @@ def main() -> None:
     }
     print(f"N={args.n} {args.dtype}, one layer, slots sink/top-k/window = {layer.sink_slots}/{layer.topk_slots}/"
           f"{layer.local_slots}, shortlist {short.shape[-1]} (outliers included)")
+    from pqpatch.kernels import native
+
+    paths = ["native", "aten"] if args.aten else ["native"]
+    print(f"{'':<44} " + " ".join(f"{p:>9}" for p in paths) + f"   (native kernels: {native.available()})")
     for name, fn in parts.items():
-        print(f"{name:<44} {best_ms(fn, args.rounds):8.2f} ms")
+        cols = []
+        for p in paths:
+            if p == "aten":
+                with native.disabled():
+                    cols.append(best_ms(fn, args.rounds))
+            else:
+                cols.append(best_ms(fn, args.rounds))
+        print(f"{name:<44} " + " ".join(f"{c:6.2f} ms" for c in cols))
     if args.profile:
         from torch.profiler import profile
 

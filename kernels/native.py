@@ -3,7 +3,7 @@ called through ctypes; and their launchers, which check shapes, dtypes and devic
 
 Why ctypes and plain C: the kernels are two loops over a row list (`pq_cpu.c` says why they beat ATen); plain C
 compiles in about a second with `cc` and needs neither torch headers nor a build step at install time. The shared
-object is cached under `$PQPATCH_CACHE` (default `~/.cache/pqpatch`), keyed by the source's hash, the compiler and
+object is cached under `$PQPATCH_CACHE_DIR` (default `~/.cache/pqpatch`), keyed by the source's hash, the compiler and
 the machine, and written atomically (safe with several processes). ctypes releases the GIL during a call, so the
 k-means pool keeps running beside a decode step.
 
@@ -45,7 +45,7 @@ unavailable_reason: str | None = None
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("PQPATCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pqpatch")
+    root = os.environ.get("PQPATCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pqpatch")
     return Path(root) / "native"
 
 

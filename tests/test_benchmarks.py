@@ -56,8 +56,8 @@ def test_bench_decode_exit_status_reports_a_failed_row(tmp_path, monkeypatch):
     assert mod.main(["--smoke", "--methods", "dense", "--out", str(tmp_path / "d.json")]) == 0
 
 
-@pytest.mark.parametrize("argv", [["--n", "2048", "--rounds", "1"], ["--n", "2048", "--rounds", "1", "--dtype",
-                                                                     "bfloat16", "--primitives"]])
+@pytest.mark.parametrize("argv", [["--n", "2048", "--rounds", "1", "--aten"],
+                                  ["--n", "2048", "--rounds", "1", "--dtype", "bfloat16", "--primitives"]])
 def test_bench_step_phases_runs(argv, monkeypatch, capsys):
     """The per-part timing script runs end to end at a small size and prints every part."""
     mod = _load("bench_step_phases")
@@ -72,6 +72,7 @@ def test_bench_step_phases_runs(argv, monkeypatch, capsys):
     for part in ("pq_shortlist", "rerank_attention", "rerank_topk", "PQLayer.decode", "dense SDPA"):
         assert part in out
     assert ("np.partition" in out) == ("--primitives" in argv)
+    assert ("aten" in out) == ("--aten" in argv)  # the fallback's column
 
 
 def test_bench_hugepages_runs(monkeypatch, capsys):

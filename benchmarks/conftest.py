@@ -12,6 +12,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG0
     if not ROWS:
         return
     tr = terminalreporter
+    from pqpatch.kernels import native
+
+    # which CPU path the gates measured: the native kernels, or the ATen fallback (no C compiler, PQPATCH_NATIVE=0)
+    tr.write_line(f"native CPU kernels: {'yes' if native.available() else 'no (' + str(native.unavailable_reason) + ')'}")
     model_rows = [r for r in ROWS if r.get("kind") in ("model", "counter")]
     step_rows = [r for r in ROWS if r.get("kind") not in ("model", "counter")]
     if model_rows:

@@ -182,6 +182,9 @@ def _native_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     b, h, g, d = query.shape
     bh, s = ix.shape
     t = 0 if known_logits is None else known_logits.shape[-1]
+    top = int(ix.max())
+    _check(top < keys.shape[2], f"idx positions must be < N = {keys.shape[2]} (or -1 to skip), got {top}: a "
+           f"position past a head's rows would read the next head's")
     ksrc, kbase = native_rows(keys)
     vsrc, vbase = native_rows(values)
     valid = ix >= 0

@@ -227,3 +227,11 @@ def test_patched_model_decodes_the_same_through_both_paths():
         aten_out = model.generate(ids, **kw)
     pqpatch.unpatch_model(model)
     assert torch.equal(native_out, aten_out)
+
+
+def test_attention_rejects_a_position_past_the_cache():
+    """A position >= N would read the next head's rows through the flattened cache: a clear error instead."""
+    q, k, v = torch.randn(1, 2, 4, 64), torch.randn(1, 2, 50, 64), torch.randn(1, 2, 50, 64)
+    idx = torch.tensor([[[0, 3, 50]], [[1, 2, 4]]]).view(1, 2, 3)
+    with pytest.raises(ValueError, match="must be < N = 50"):
+        kernels.sparse_decode_attention(q, k, v, idx, 0.125, backend="cpu")

@@ -189,14 +189,20 @@ def _native_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     vsrc, vbase = native_rows(values)
     valid = ix >= 0
     qf = query.reshape(bh, g, d).float().contiguous()
-    logits = native.gather_logits(qf, ksrc, torch.where(valid[:, : s - t], ix[:, : s - t] + kbase[:, None], -1))
-    logits.mul_(scaling)
-    if t:
-        logits = torch.cat([logits, known_logits.reshape(bh, g, t).float()], dim=-1)  # already scaled
-    logits.masked_fill_(~valid[:, None, :], float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # [BH, G]
-    p = logits.sub_(torch.where(torch.isfinite(lse), lse, 0.0)[..., None]).exp_()
+    logits = torch.empty(bh, g, s)  # the read slots' scaled logits (-inf where skipped), then the known ones
+    native.gather_logits(qf, ksrc, torch.where(valid[:, : s - t], ix[:, : s - t] + kbase[:, None], -1),
+                         scale=scaling, fill=float("-inf"), out=logits)
+    if t:  # already scaled; a skipped slot is -inf whatever the caller passed
+        tail = logits[:, :, s - t:].copy_(known_logits.reshape(bh, g, t))
+        tail.masked_fill_(~valid[:, None, s - t:], float("-inf"))
+    # softmax with one exp pass: p = exp(l - max) unnormalised, the output divided by its sum at the end
+    mx = logits.amax(dim=-1, keepdim=True)  # [BH, G, 1]
+    mx = torch.where(torch.isfinite(mx), mx, 0.0)  # a row without slots: all -inf, p = 0
+    p = logits.sub_(mx).exp_()
+    z = p.sum(dim=-1)  # [BH, G]
+    lse = z.log().add_(mx[..., 0])  # -inf for a row without slots
     out = native.gather_values(p, vsrc, torch.where(valid, ix + vbase[:, None], -1))
+    out.div_(torch.where(z > 0, z, 1.0)[..., None])  # zero output for a row without slots
     return out.to(query.dtype).view(b, h, g, values.shape[3]), lse.view(b, h, g)
 
 

@@ -85,14 +85,15 @@ def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Te
     ix = ix[:, :cnt]
     valid = ix < n  # [BH, cnt]
     qf = query.reshape(bh, g, d).float().contiguous()
-    if use_native(keys):  # each listed row read once, prefetched from the list; empty entries not read
+    if use_native(keys):  # each listed row read once, prefetched from the list; empty entries not read (-inf)
         src, base = native_rows(keys)
-        logits = native.gather_logits(qf, src, torch.where(valid, ix + base[:, None], -1))
+        logits = native.gather_logits(qf, src, torch.where(valid, ix + base[:, None], -1), scale=scaling,
+                                      fill=float("-inf"))
     else:
         chunk = max(16, min(cnt, _CHUNK_BYTES // (4 * bh * d)))
         rows = ix.clamp_max(n - 1) + torch.arange(0, bh * n, n).view(bh, 1)  # empty entries read a real row, masked
         logits = _gather_logits(qf, _rows(keys), rows, chunk)
-    logits.mul_(scaling).masked_fill_(~valid[:, None, :], float("-inf"))
+        logits.mul_(scaling).masked_fill_(~valid[:, None, :], float("-inf"))
     raw = logits.clone() if keep_logits else None  # the exact logits, before the score arithmetic below
     if log_z is not None:
         # each head's probability under its full-candidate softmax, sum_g exp(l - log_z), scaled by one factor

@@ -106,10 +106,11 @@ def _build() -> ctypes.CDLL | None:
             return None
     lib = ctypes.CDLL(str(so))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    f32 = ctypes.c_float
+    lib.pq_gather_logits.argtypes = [p, p, i32, p, i64, i64, i64, i64, p, i64, f32, f32]
+    lib.pq_gather_values.argtypes = [p, p, i32, p, i64, i64, i64, i64, p]
     for name in ("pq_gather_logits", "pq_gather_values"):
-        fn = getattr(lib, name)
-        fn.argtypes = [p, p, i32, p, i64, i64, i64, i64, p]
-        fn.restype = i32
+        getattr(lib, name).restype = i32
     lib.pq_has_dtype.argtypes = [i32]
     lib.pq_has_dtype.restype = i32
     lib.pq_select_top.argtypes = [p, i64, i64, i64, p, i64, p, p, p, p, p]
@@ -164,16 +165,23 @@ def _check_common(a: torch.Tensor, a_name: str, src: torch.Tensor, rows: torch.T
     return rows.shape[0], a.shape[1], rows.shape[1]
 
 
-def gather_logits(q: torch.Tensor, src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """q . row for every listed row. q: [T, G, D] float32; src: [R, D] float32/bfloat16/float16 rows; rows: [T, S]
-    int64 row numbers, negative = skipped. Returns [T, G, S] float32 (unscaled; 0 for a skipped entry)."""
+def gather_logits(q: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, scale: float = 1.0, fill: float = 0.0,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """scale * (q . row) for every listed row. q: [T, G, D] float32; src: [R, D] float32/bfloat16/float16 rows;
+    rows: [T, S] int64 row numbers, negative = skipped (`fill` is written, the row is not read). out: optional
+    [T, G, S'] float32 buffer with S' >= S, contiguous, whose first S slots of every row are written (the caller
+    keeps other slots after them, e.g. logits it already has). Returns [T, G, S] float32 (a view of out)."""
     t, g, s = _check_common(q, "q", src, rows)
     _check(q.shape[2] == src.shape[1], f"q has D = {q.shape[2]} but src rows have {src.shape[1]}")
-    out = torch.empty(t, g, s)
+    if out is None:
+        out = torch.empty(t, g, s)
+    _check(out.dtype == torch.float32 and out.is_contiguous() and out.dim() == 3
+           and tuple(out.shape[:2]) == (t, g) and out.shape[2] >= s,
+           f"out must be contiguous float32 [{t}, {g}, >= {s}], got {out.dtype} {tuple(out.shape)}")
     rc = _load().pq_gather_logits(q.data_ptr(), src.data_ptr(), _DTYPES[src.dtype], rows.data_ptr(), t, g, s,
-                                  src.shape[1], out.data_ptr())
+                                  src.shape[1], out.data_ptr(), out.shape[2], scale, fill)
     _check(rc == 0, "pq_gather_logits rejected its arguments")
-    return out
+    return out[:, :, :s]
 
 
 def gather_values(p: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None

@@ -89,9 +89,9 @@ def test_fused_cpu_reads_each_selected_key_once(monkeypatch, cpu_path):
     if cpu_path == "native":
         real_native = native.gather_logits
 
-        def spy_native(qf, src, rows):
+        def spy_native(qf, src, rows, **kw):
             key_rows.append(int((rows >= 0).sum(-1).max()))
-            return real_native(qf, src, rows)
+            return real_native(qf, src, rows, **kw)
 
         monkeypatch.setattr(native, "gather_logits", spy_native)
     else:

@@ -13,7 +13,7 @@
  *   q      [T, G, D]   float32   one query group per row list (T = B * Hkv lists)
  *   src    [R, D]      float32 / bfloat16 / float16 rows of the flattened cache (row r = (b * Hkv + h) * N + n)
  *   rows   [T, S]      int64     row numbers into src; a negative entry is skipped (not read)
- *   logits [T, G, S]   float32   written: q . row for every listed row (0 for a skipped entry)
+ *   logits [T, G, S]   float32   written: scale * (q . row) for every listed row (`fill` for a skipped entry)
  *   p      [T, G, S]   float32   softmax weights (a skipped entry's weight is ignored)
  *   out    [T, G, Dv]  float32   accumulated: out += sum_s p[:, :, s] * row_s
  * dtype codes: 0 float32, 1 bfloat16, 2 float16.
@@ -64,10 +64,12 @@ static inline int64_t elem_bytes(int dtype) { return dtype == 0 ? 4 : 2; }
 /* Whether this build has the dtype (float16 needs the compiler's _Float16). */
 int pq_has_dtype(int dtype) { return dtype == 0 || dtype == 1 || (dtype == 2 && HAS_F16); }
 
-/* logits[t, g, s] = q[t, g] . src[rows[t, s]]; 0 where rows[t, s] < 0. Returns 0, or -1 for a bad argument. */
+/* logits[t, g, s] = scale * (q[t, g] . src[rows[t, s]]); `fill` where rows[t, s] < 0. logits rows are ld floats
+ * apart (ld >= s_count: the caller's buffer may hold more slots after these). Returns 0, or -1 for a bad argument. */
 int pq_gather_logits(const float *q, const void *src, int dtype, const int64_t *rows, int64_t t_count,
-                     int64_t g_count, int64_t s_count, int64_t d, float *logits) {
-    if (!pq_has_dtype(dtype) || d <= 0 || d > MAX_DIM) return -1;
+                     int64_t g_count, int64_t s_count, int64_t d, float *logits, int64_t ld, float scale,
+                     float fill) {
+    if (!pq_has_dtype(dtype) || d <= 0 || d > MAX_DIM || ld < s_count) return -1;
     const char *base = (const char *)src;
     const int64_t rb = d * elem_bytes(dtype), total = t_count * s_count;
     float buf[MAX_DIM];
@@ -75,9 +77,9 @@ int pq_gather_logits(const float *q, const void *src, int dtype, const int64_t *
         if (i + PF_FAR < total && rows[i + PF_FAR] >= 0) prefetch_row(base, rows[i + PF_FAR], rb, 1);
         if (i + PF_NEAR < total && rows[i + PF_NEAR] >= 0) prefetch_row(base, rows[i + PF_NEAR], rb, 0);
         const int64_t t = i / s_count, s = i - t * s_count;
-        float *lo = logits + t * g_count * s_count + s;
+        float *lo = logits + t * g_count * ld + s;
         if (rows[i] < 0) {
-            for (int64_t g = 0; g < g_count; g++) lo[g * s_count] = 0.0f;
+            for (int64_t g = 0; g < g_count; g++) lo[g * ld] = fill;
             continue;
         }
         const float *k = row_f32(base, dtype, rows[i], d, buf);
@@ -87,7 +89,7 @@ int pq_gather_logits(const float *q, const void *src, int dtype, const int64_t *
             float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
             for (int64_t j = 0; j < d; j++) acc += qg[j] * k[j];
-            lo[g * s_count] = acc;
+            lo[g * ld] = acc * scale;
         }
     }
     return 0;

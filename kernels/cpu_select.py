@@ -119,26 +119,27 @@ def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | 
     hist: the codes' `joint_codes`, when the caller already built it (`cpu_shortlist`); None builds it here if the
     code table is used. extra: optional [Hkv, X] int64 positions in [0, n) (-1 = none) joined to the selection
     (`_emit`): then [Hkv, kk + X], ascending, -1 after. z: optional [Hkv, G] float64 softmax denominators of these
-    candidates (`log_partition.z_from_counts`), reused by the native path."""
+    candidates (`log_partition.sequence_z`), reused by the native path."""
     h, m, g, kc = lut.shape
     n = codes.shape[1]
     use_table = uses_code_table(m, kc, g, n)
-    if use_table and hist is None:
-        hist = joint_codes(codes, kc)
-    if use_table and native.available():
+    fast = use_table and native.available()
+    if fast:
         # the native kernel scores every token from its codes through the head's code table (built in the kernel
         # from two factor tables; L1/L2-resident) and radix-selects: per-token work is cheap there, so this also
         # replaces the weighted search over the code table below, whatever the table's size
         if z is None:  # the denominators as `pq_shortlist_cpu` computes them (float64), so both select alike
-            from .log_partition import log_z_factors, z_from_counts  # (that module imports this one)
+            from .log_partition import log_z_factors, sequence_z  # (that module imports this one)
 
-            z = z_from_counts(log_z_factors(lut[None])[0][0], hist.counts(torch.float64))
-        found = _code_scores(lut, codes, hist=hist, factors=True, z=z)
+            z = sequence_z(log_z_factors(lut[None])[0][0], codes, hist)
+        found = _code_scores(lut, codes, factors=True, z=z)
         if found is not None:
             pos = _select_native(h, n, kk, _LOW32, extra, factors=(*found[0], codes))
             if pos is not None:
                 return pos
-    elif use_table and (256 if m == 2 else 1) * kc >= n:  # more codes than tokens: rank tokens by a float32 table
+    if use_table and hist is None:
+        hist = joint_codes(codes, kc)
+    if not fast and use_table and (256 if m == 2 else 1) * kc >= n:  # more codes than tokens: a float32 table
         found = _code_scores(lut, codes, hist=hist)
         if found is not None:
             table, _, joint, _ = found

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from .cpu_select import _check_inputs, _emit, _select, joint_codes, mark, pq_lut, pq_topk_cpu
-from .log_partition import log_partition_ref, log_z_factors, z_from_counts
+from . import native
+from .log_partition import log_partition_ref, log_z_factors, sequence_z
 
 __all__ = ["pq_shortlist_cpu"]
 
@@ -58,9 +59,11 @@ def pq_shortlist_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.
         if e <= a:
             continue  # no candidate: idx stays -1, log_z -inf
         c = codes[bi, :, a:e]
-        hist = joint_codes(c, kc)  # the one per-token pass over this sequence's codes
-        z = z_from_counts(ex[bi], hist.counts(torch.float64))  # [Hkv, G] float64, also the top-k's denominators
-        log_z[bi] = (z.log() + shift[bi]).float()  # = log_z_from_counts(ex[bi], shift[bi], counts)
+        # the one per-token pass for the log-partition: the native kernel's, or the joint-code histogram (then
+        # shared with the ATen top-k)
+        hist = None if native.available() and c.stride(2) == 1 else joint_codes(c, kc)
+        z = sequence_z(ex[bi], c, hist)  # [Hkv, G] float64, also the top-k's denominators
+        log_z[bi] = (z.log() + shift[bi]).float()  # = log_partition_cpu's
         kb = min(kk, e - a)
         extra = None if x == 0 else _relative(outliers[bi], a, e)
         if kb == e - a:  # every candidate fits (outliers included): no scoring needed

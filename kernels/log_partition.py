@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_select import joint_codes, pq_lut
+from . import native
+from .cpu_select import JointCodes, joint_codes, pq_lut
 from .reference import candidate_mask
 
 __all__ = ["log_partition_ref", "log_partition_cpu", "check_log_partition_inputs", "log_z_factors",
-           "log_z_from_counts"]
+           "log_z_from_counts", "sequence_z"]
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -113,8 +114,7 @@ def log_partition_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch
         a, e = max(0, int(a)), min(n, int(e))
         if e <= a:
             continue
-        counts = joint_codes(codes[bi, :, a:e], kc).counts(torch.float64)  # [Hkv, rows, K], rows = K (m = 2) or 1
-        out[bi] = log_z_from_counts(ex[bi], shift[bi], counts)
+        out[bi] = (sequence_z(ex[bi], codes[bi, :, a:e]).log() + shift[bi]).float()
     return out
 
 
@@ -132,6 +132,19 @@ def log_z_from_counts(ex: torch.Tensor, shift: torch.Tensor, counts: torch.Tenso
     the float64 histogram of its candidates' codes, counts [Hkv, rows, K] (`JointCodes.counts`); m <= 2. -inf for a
     head whose sum underflows float64."""
     return (z_from_counts(ex, counts).log() + shift).float()
+
+
+def sequence_z(ex: torch.Tensor, codes: torch.Tensor, hist: JointCodes | None = None) -> torch.Tensor:
+    """One sequence's softmax denominators [Hkv, G] float64 from its `log_z_factors` ex [Hkv, m, G, K] and its
+    candidates' codes [Hkv, n, m] uint8 (m <= 2): one pass over the codes in the native kernel (`native.code_z`),
+    else through the joint-code histogram (`hist`, or built here) and `z_from_counts`. Every CPU op that needs the
+    denominators (`log_partition_cpu`, the shortlist, `pq_topk`'s native path) takes them from here, so they agree
+    bit for bit."""
+    if native.available() and codes.stride(2) == 1:
+        return native.code_z(ex, codes)
+    if hist is None:
+        hist = joint_codes(codes, ex.shape[-1])
+    return z_from_counts(ex, hist.counts(torch.float64))
 
 
 def z_from_counts(ex: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

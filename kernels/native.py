@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "disabled", "unavailable_reason", "gather_logits", "gather_values", "select_top", "supports"]
+__all__ = ["available", "disabled", "unavailable_reason", "code_z", "gather_logits", "gather_values", "select_top",
+           "supports"]
 
 _log = logging.getLogger("pqpatch")
 _SRC = Path(__file__).resolve().parent / "csrc" / "pq_cpu.c"
@@ -117,6 +118,8 @@ def _build() -> ctypes.CDLL | None:
     lib.pq_select_top.restype = i32
     lib.pq_select_top_pq.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64, p, i64, p, p, p, p, p, p]
     lib.pq_select_top_pq.restype = i32
+    lib.pq_code_z.argtypes = [p, p, i64, i64, i64, i64, i64, i64, i64, p, p]
+    lib.pq_code_z.restype = i32
     return lib
 
 
@@ -274,3 +277,26 @@ def select_top(rows: int, n: int, kk: int, scores: torch.Tensor | None = None,
         raise RuntimeError("pq_topk_cpu got a NaN or negative token score (NaN in the query or the centroids?)")
     _check(rc == 0, "native select_top rejected its arguments (a code beyond the centroids?)")
     return out, thr
+
+
+def code_z(ex: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Softmax denominators of PQ logits over one sequence's candidates, accumulated in float64:
+    z[r, g] = sum over tokens of ex[r, 0, g, c0] * ex[r, 1, g, c1] (m = 2; m = 1: of ex[r, 0, g, c0]).
+
+    ex: [rows, m, G, K] float64 (`log_partition.log_z_factors`: exp(lut - max over K)); codes: [rows, n, m] uint8
+    (m = 1 or 2, unit stride in m, codes < K <= 256). Returns [rows, G] float64 (what the joint-code histogram gives
+    through `log_partition.z_from_counts`, up to float64 rounding)."""
+    _check(ex.dtype == torch.float64 and ex.dim() == 4 and ex.shape[1] in (1, 2) and ex.shape[3] <= 256
+           and ex.device.type == "cpu",
+           f"ex must be float64 [rows, m <= 2, G, K <= 256] on CPU, got {ex.dtype} {tuple(ex.shape)}")
+    rows, m, g, kc = ex.shape
+    _check(codes.dtype == torch.uint8 and codes.dim() == 3 and codes.shape[0] == rows and codes.shape[2] == m
+           and codes.stride(2) == 1 and codes.device.type == "cpu",
+           f"codes must be uint8 [{rows}, n, {m}] on CPU with unit stride in m, got {codes.dtype} {tuple(codes.shape)}")
+    ext = ex.transpose(2, 3).contiguous()  # [rows, m, K, G]: a token's G factors side by side
+    z = torch.empty(rows, g, dtype=torch.float64)
+    part = torch.empty(kc * g, dtype=torch.float64)
+    rc = _load().pq_code_z(ext.data_ptr(), codes.data_ptr(), codes.stride(0), codes.stride(1), m, g, kc, rows,
+                           codes.shape[1], z.data_ptr(), part.data_ptr())
+    _check(rc == 0, f"a code is >= K = {kc}")
+    return z

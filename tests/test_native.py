@@ -241,3 +241,23 @@ def test_attention_rejects_a_position_past_the_cache():
     idx = torch.tensor([[[0, 3, 50]], [[1, 2, 4]]]).view(1, 2, 3)
     with pytest.raises(ValueError, match="must be < N = 50"):
         kernels.sparse_decode_attention(q, k, v, idx, 0.125, backend="cpu")
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("g", [1, 4, 8])
+@pytest.mark.parametrize("kc", [16, 256])
+@pytest.mark.parametrize("n", [1, 17, 97, 1000])
+def test_code_z_equals_the_histogram_route(m, g, kc, n):
+    """native.code_z (one pass over the codes) against the joint-code histogram and its bilinear form, in float64,
+    for codes read with a stride (a slice of a longer buffer)."""
+    from pqpatch.kernels.cpu_select import joint_codes
+    from pqpatch.kernels.log_partition import z_from_counts
+
+    gen = _gen(m * 100 + g * 10 + kc + n)
+    ex = torch.rand(3, m, g, kc, generator=gen, dtype=torch.float64)
+    codes = torch.randint(0, kc, (3, n + 7, m), generator=gen, dtype=torch.uint8)[:, 3:3 + n]
+    want = z_from_counts(ex, joint_codes(codes, kc).counts(torch.float64))
+    torch.testing.assert_close(native.code_z(ex, codes), want, rtol=1e-12, atol=0)
+    if kc < 256:  # a code beyond the centroids (uint8 cannot hold one for K = 256)
+        with pytest.raises(ValueError, match="is >= K"):
+            native.code_z(ex, torch.full((3, n, m), kc, dtype=torch.uint8))

@@ -211,18 +211,24 @@ def _counting(monkeypatch, calls, module, name):
     monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(name) or real(*a, **kw))
 
 
-def test_cpu_builds_one_histogram_per_sequence(monkeypatch):
-    """The point of the op on CPU: the joint-code histogram of a sequence is built once, not once per op."""
+def test_cpu_builds_one_histogram_per_sequence(monkeypatch, cpu_path):
+    """The point of the op on CPU: the per-token pass of a sequence for the softmax denominators is made once, not
+    once per op: the joint-code histogram on the ATen path, `native.code_z` with the native kernels (which then
+    build no histogram at all)."""
+    from pqpatch.kernels import native
+
     q, c, codes, lo, hi = _inputs(4, 2, 4, 64, 2, 6, 3000, "inner")  # code-table path: both ops histogram
     calls: list[str] = []
     for module in (cpu_select, cpu_shortlist, log_partition):
         _counting(monkeypatch, calls, module, "joint_codes")
+    _counting(monkeypatch, calls, native, "code_z")
+    want = "code_z" if cpu_path == "native" else "joint_codes"
     kernels.pq_topk(q, c, codes, lo, hi, 600, 0.125, backend="cpu")
     kernels.pq_log_partition(q, c, codes, lo, hi, 0.125, backend="cpu")
-    assert len(calls) == 4  # two ops x two sequences
+    assert calls == [want] * 4  # two ops x two sequences
     calls.clear()
     kernels.pq_shortlist(q, c, codes, lo, hi, 600, 0.125, backend="cpu")
-    assert len(calls) == 2
+    assert calls == [want] * 2
 
 
 @pytest.mark.triton

@@ -254,3 +254,43 @@ int pq_select_top_pq(const float *fa, const float *fb, const uint8_t *codes, int
     }
     return 0;
 }
+
+/* Softmax denominators of the PQ logits over one sequence's candidates, per row (KV head) and query head:
+ *   z[r, g] = sum_i ex0[r, c0_i, g] * ex1[r, c1_i, g]      (m = 2; m = 1: sum_i ex0[r, c0_i, g])
+ * with ex = exp(lut - max over K) in float64, transposed to [rows, m, K, G] (a token reads G contiguous doubles).
+ * Computed as sum_c1 ex1[c1, g] * P[c1, g] with P[c1, g] = sum over tokens with code c1 of ex0[c0, g]: per token
+ * G additions into the row of its c1 (a 256 x G array in L1; tokens rarely hit the same row back to back, so the
+ * additions do not form one dependency chain). It replaces the joint-code histogram (65536 zeroed bins per head
+ * for b = 8), its float64 copy and a bilinear matmul. codes: token i of row r at codes + r * cs0 + i * cs1;
+ * part: [K * G] float64 scratch. Returns 0, or -1 for a bad argument or a code >= kc. */
+int pq_code_z(const double *ex, const uint8_t *codes, int64_t cs0, int64_t cs1, int64_t m, int64_t g, int64_t kc,
+              int64_t rows, int64_t n, double *z, double *part) {
+    if ((m != 1 && m != 2) || g <= 0 || kc <= 0 || kc > 256) return -1;
+    const int64_t r_count = m == 2 ? kc : 1;
+    int bad = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const double *e0 = ex + r * m * kc * g, *e1 = e0 + kc * g;
+        const uint8_t *cr = codes + r * cs0;
+        memset(part, 0, (size_t)(r_count * g) * sizeof(double));
+        for (int64_t i = 0; i < n; i++) {
+            const uint8_t *c = cr + i * cs1;
+            int64_t c0 = c[0], c1 = m == 2 ? c[1] : 0;
+            bad |= (c0 >= kc) | (c1 >= r_count);
+            c0 = c0 < kc ? c0 : 0;
+            c1 = c1 < r_count ? c1 : 0;
+            const double *a = e0 + c0 * g;
+            double *p = part + c1 * g;
+            if (g == 4) {  /* the common GQA group (Llama-3, Mistral, ...): unrolled */
+                p[0] += a[0]; p[1] += a[1]; p[2] += a[2]; p[3] += a[3];
+            } else {
+                for (int64_t j = 0; j < g; j++) p[j] += a[j];
+            }
+        }
+        for (int64_t j = 0; j < g; j++) {
+            double s = 0.0;
+            for (int64_t c1 = 0; c1 < r_count; c1++) s += part[c1 * g + j] * (m == 2 ? e1[c1 * g + j] : 1.0);
+            z[r * g + j] = s;
+        }
+    }
+    return bad ? -1 : 0;
+}

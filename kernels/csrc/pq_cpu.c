@@ -147,11 +147,10 @@ static inline int key_of(float s, uint32_t *key) {
 }
 
 /* one row: keys work[0..n) -> out[0..kk+x), thr_out */
-static void select_row(const uint32_t *work, uint32_t *cand, uint8_t *flag, int64_t n, int64_t kk,
+/* hist1: the keys' level-1 histogram (bits 30..20; keys < 2^31), counted by the caller in the pass that wrote them */
+static void select_row(const uint32_t *work, int64_t *hist1, uint32_t *cand, uint8_t *flag, int64_t n, int64_t kk,
                        const int64_t *ex, int64_t x, int64_t *o, float *thr_out) {
-    int64_t hist[2048];
-    memset(hist, 0, sizeof(hist));
-    for (int64_t i = 0; i < n; i++) hist[work[i] >> 20]++;  /* bits 30..20 (keys < 2^31) */
+    int64_t *hist = hist1;  /* [2048], reused for the next two digits */
     int64_t need = kk;
     const uint32_t d1 = (uint32_t)pick_digit(hist, 2048, &need);
     int64_t m = 0;
@@ -159,7 +158,7 @@ static void select_row(const uint32_t *work, uint32_t *cand, uint8_t *flag, int6
         cand[m] = work[i];
         m += (work[i] >> 20) == d1;
     }
-    memset(hist, 0, sizeof(hist));
+    memset(hist, 0, 2048 * sizeof(int64_t));
     for (int64_t i = 0; i < m; i++) hist[(cand[i] >> 9) & 2047]++;  /* bits 19..9 among the bucket's members */
     const uint32_t d2 = (uint32_t)pick_digit(hist, 2048, &need);
     int64_t m2 = 0;
@@ -198,14 +197,17 @@ int pq_select_top(const float *scores, int64_t rows, int64_t n, int64_t kk, cons
     for (int64_t r = 0; r < rows; r++) {
         int bad = 0;
         const float *sr = scores + r * n;
-        for (int64_t i = 0; i < n; i++) {  /* vectorisable: the check is accumulated, not branched on */
+        int64_t hist[2048];
+        memset(hist, 0, sizeof(hist));
+        for (int64_t i = 0; i < n; i++) {  /* keys and their level-1 histogram in one pass */
             uint32_t u;
             memcpy(&u, &sr[i], 4);
             bad |= !(sr[i] >= 0.0f);
             work[i] = u & 0x7fffffffu;  /* -0.0 reads as 0 */
+            hist[work[i] >> 20]++;
         }
         if (bad) return -2;  /* NaN or negative */
-        select_row(work, cand, flag, n, kk, extra ? extra + r * x : 0, x, out + r * (kk + x), thr_out + r);
+        select_row(work, hist, cand, flag, n, kk, extra ? extra + r * x : 0, x, out + r * (kk + x), thr_out + r);
     }
     return 0;
 }
@@ -238,7 +240,9 @@ int pq_select_top_pq(const float *fa, const float *fb, const uint8_t *codes, int
         }
         const uint8_t *cr = codes + r * cs0;
         int bad = 0;
-        for (int64_t i = 0; i < n; i++) {
+        int64_t hist[2048];
+        memset(hist, 0, sizeof(hist));
+        for (int64_t i = 0; i < n; i++) {  /* scores, keys and the level-1 histogram in one pass */
             const uint8_t *c = cr + i * cs1;
             const int64_t c0 = c[0], c1 = m == 2 ? c[1] : 0;
             bad |= (c0 >= kc) | (c1 >= r_count);
@@ -247,10 +251,11 @@ int pq_select_top_pq(const float *fa, const float *fb, const uint8_t *codes, int
             memcpy(&u, &sc, 4);
             bad |= (!(sc >= 0.0f)) << 1;
             work[i] = u & 0x7fffffffu;
+            hist[work[i] >> 20]++;
         }
         if (bad & 1) return -1;  /* a code beyond the centroids */
         if (bad) return -2;      /* NaN or negative */
-        select_row(work, cand, flag, n, kk, extra ? extra + r * x : 0, x, out + r * (kk + x), thr_out + r);
+        select_row(work, hist, cand, flag, n, kk, extra ? extra + r * x : 0, x, out + r * (kk + x), thr_out + r);
     }
     return 0;
 }

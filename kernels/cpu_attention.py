@@ -1,6 +1,10 @@
 """CPU fast path of `sparse_decode_attention` (backend "cpu"): exact softmax attention of one decode query over the
 K/V rows listed in idx, read in ascending row order through a small reusable workspace.
 
+With the native kernels (`native.py`, the default where a C compiler works) each listed row is instead read in place
+with software prefetches, its logits or its weighted value computed while it is in L1 (`_native_attention`); the
+softmax takes one exp pass. What follows is the ATen path, the fallback without them.
+
 Why it is fast on CPU (plain ATen ops):
   * Rows are read in ascending position order, or in a few ascending runs: idx is sorted only when its valid entries
     step back more than `_MAX_DESCENTS` times in a row. A decode step's [sink | top-k | window] slots are three

@@ -1,6 +1,10 @@
 """CPU fast path of `rerank_topk` (backend "cpu"): exact re-ranking of a PQ shortlist, the rule of
 `quality.rerank_exact_ref`, read through the gather pattern of `cpu_attention`.
 
+With the native kernels (`native.py`) the shortlist's key rows are read in place (`native.gather_logits`, scaled,
+-inf for empty entries) and the selection is one radix-select call (`_select_native`); the ATen path below is the
+fallback without them.
+
 Why it is fast on CPU (plain ATen ops; nothing here touches a device):
   * The shortlist is read in ascending position order (sorted when it is not already, empty entries last;
     `pq_topk_cpu` already emits ascending positions then -1), so neighbouring key rows share DRAM pages and the

@@ -21,8 +21,9 @@ Why it is fast (m = 2 sub-spaces, b bits, K = 2**b centroids, n candidate tokens
 With the native kernels (`native.py`; the default where a C compiler works) the selection itself is one kernel
 call per sequence (`native.select_top`): each head's code table is built from the two factor tables (256 KB for
 b = 8, L2-resident), every token's score is read from it through its codes, and a radix select on the scores' bits
-plus one emitting pass give the same rule; the histogram is still built, for the denominators Z (and the
-log-partition). The weighted search over the code table and numpy's partition are the ATen fallback.
+plus one emitting pass give the same rule; the denominators Z come from one pass over the codes
+(`log_partition.sequence_z`, shared with the log-partition), not from the histogram. The weighted search over the
+code table and numpy's partition are the ATen fallback.
 m = 1 uses the same code-domain path; other m, and short candidate lists whose code table would be larger than 2 G n
 entries (b = 8 below ~8K tokens), score per token (the reference's arithmetic). Ties: every token
 scoring strictly above the k-th selected score is selected; among equal scores the earliest positions are taken.
@@ -325,14 +326,14 @@ def _code_scores(lut: torch.Tensor, codes: torch.Tensor, wide: bool = False, his
     lut: [Hkv, m, G, K] float32 (scaled); codes: [Hkv, n, m] uint8; hist: their `joint_codes` (None: built here).
     Returns (scores [Hkv, R, K] float32, counts [Hkv, R, K] candidates per code (float64 if wide else float32),
     joint [Hkv * n] int32, width): R = K rows (c1) for m = 2, 1 for m = 1; `hist.spread` lays a code table out
-    like the joint codes' bins. factors=True returns, in place of the scores, the pair (fa [H, R, G], fb [H, K, G])
+    like the joint codes' bins. factors=True returns, in place of the scores, the pair (fa [H, R, G], fb [H, G, K])
     float32 whose products summed over G are the scores (`native.select_top` builds the table per head).
     wide=False computes the factors in float32 (half the memory traffic of float64, and no conversions): exact
     enough while the denominators stay far from underflow (checked: None is returned below _TINY32, and the
     caller re-runs wide=True); wide=True keeps float64's range for very peaked queries.
     z: with factors=True, the denominators [H, G] float64 already computed from the same maxima
-    (`log_partition.z_from_counts`, by `pq_shortlist_cpu`): then neither the counts nor a matmul are needed, and
-    counts and joint come back as None.
+    (`log_partition.sequence_z`): then neither the counts nor a matmul are needed, and counts and joint come back
+    as None.
     """
     h, m, g, kc = lut.shape
     dt = torch.float64 if wide else torch.float32

@@ -7,6 +7,10 @@ codes, and on CPU both start from the histogram of the candidates' joint codes (
 only per-token work of the log-partition, and the first step of the top-k's code-table path. Run as two ops, the
 histogram (and the lookup table) was built twice per step; here it is built once and read by both.
 
+With the native kernels (`native.py`) that per-token work is one pass summing each token's factors by its codes
+(`native.code_z`, through `log_partition.sequence_z`): no histogram is built, and the denominators it gives are
+also the top-k's (`cpu_select._select(z=...)`).
+
 Equality with the separate ops: the same functions run on the same table and the same counts, so the indices equal
 `pq_topk_cpu`'s and log_z equals `log_partition_cpu`'s bit for bit (tests/test_pq_shortlist.py checks both). Where
 the top-k does not use the code table (a short candidate list, every candidate fitting into k, k = 0) the histogram
@@ -19,8 +23,7 @@ from __future__ import annotations
 import torch
 
 from .cpu_select import _check_inputs, _emit, _select, joint_codes, mark, pq_lut, pq_topk_cpu
-from . import native
-from .log_partition import log_partition_ref, log_z_factors, sequence_z
+from .log_partition import log_partition_ref, log_z_factors, native_z, sequence_z
 
 __all__ = ["pq_shortlist_cpu"]
 
@@ -29,7 +32,7 @@ def pq_shortlist_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.
                      hi: torch.Tensor, k: int, scaling: float,
                      k_valid: torch.Tensor | None = None,
                      outliers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PQ top-k and the per-head log-partition of the same candidates, from one histogram.
+    """The PQ top-k and the per-head log-partition of the same candidates, from one per-token pass over the codes.
 
     query: [B, Hkv, G, D] float; centroids: [B, Hkv, m, K, Ds] float (m * Ds = D, K <= 256); codes: [B, Hkv, N, m]
     uint8 (only [lo, hi) is read); lo, hi: [B] integer; k_valid: optional 1-element integer CPU tensor, the number
@@ -61,7 +64,7 @@ def pq_shortlist_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.
         c = codes[bi, :, a:e]
         # the one per-token pass for the log-partition: the native kernel's, or the joint-code histogram (then
         # shared with the ATen top-k)
-        hist = None if native.available() and c.stride(2) == 1 else joint_codes(c, kc)
+        hist = None if native_z(c) else joint_codes(c, kc)
         z = sequence_z(ex[bi], c, hist)  # [Hkv, G] float64, also the top-k's denominators
         log_z[bi] = (z.log() + shift[bi]).float()  # = log_partition_cpu's
         kb = min(kk, e - a)

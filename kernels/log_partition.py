@@ -29,7 +29,7 @@ from .cpu_select import JointCodes, joint_codes, pq_lut
 from .reference import candidate_mask
 
 __all__ = ["log_partition_ref", "log_partition_cpu", "check_log_partition_inputs", "log_z_factors",
-           "log_z_from_counts", "sequence_z"]
+           "native_z", "sequence_z", "z_from_counts"]
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -102,7 +102,9 @@ def log_partition_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch
     (B = 1, Hkv = 8, G = 4, m = 2, K = 256), one thread, float32: 1.3-1.6 ms at 32K candidates and 2.7-2.9 ms at
     128K, i.e. 20-23% and 15% of `pq_topk_cpu` selecting the rerank=2 shortlist (N/5) from the same codes
     (`benchmarks/bench_log_partition.py`; the reference: 6-12 / 40-85 ms). `kernels.pq_shortlist` computes it
-    together with that top-k from one histogram (`cpu_shortlist.pq_shortlist_cpu`)."""
+    together with that top-k from one histogram (`cpu_shortlist.pq_shortlist_cpu`). With the native kernels the
+    per-token work is instead one pass that sums each token's factors by its codes (`native.code_z`, no
+    histogram; `sequence_z` picks the route)."""
     b, h, g, _ = query.shape
     m, kc, _ = centroids.shape[2:]
     n = codes.shape[2]
@@ -127,11 +129,10 @@ def log_z_factors(lut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (lut - mx).exp_(), mx.sum(dim=2)[..., 0]
 
 
-def log_z_from_counts(ex: torch.Tensor, shift: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """One sequence's log-partition [Hkv, G] float32 from its `log_z_factors` (ex [Hkv, m, G, K], shift [Hkv, G]) and
-    the float64 histogram of its candidates' codes, counts [Hkv, rows, K] (`JointCodes.counts`); m <= 2. -inf for a
-    head whose sum underflows float64."""
-    return (z_from_counts(ex, counts).log() + shift).float()
+def native_z(codes: torch.Tensor) -> bool:
+    """Whether `sequence_z` takes the denominators of these codes [Hkv, n, m] from the native kernel (no histogram
+    is built then)."""
+    return native.available() and codes.stride(2) == 1
 
 
 def sequence_z(ex: torch.Tensor, codes: torch.Tensor, hist: JointCodes | None = None) -> torch.Tensor:
@@ -140,7 +141,7 @@ def sequence_z(ex: torch.Tensor, codes: torch.Tensor, hist: JointCodes | None = 
     else through the joint-code histogram (`hist`, or built here) and `z_from_counts`. Every CPU op that needs the
     denominators (`log_partition_cpu`, the shortlist, `pq_topk`'s native path) takes them from here, so they agree
     bit for bit."""
-    if native.available() and codes.stride(2) == 1:
+    if native_z(codes):
         return native.code_z(ex, codes)
     if hist is None:
         hist = joint_codes(codes, ex.shape[-1])
@@ -149,8 +150,8 @@ def sequence_z(ex: torch.Tensor, codes: torch.Tensor, hist: JointCodes | None = 
 
 def z_from_counts(ex: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """The softmax denominators before the shift, [Hkv, G] float64: sum over candidates of exp(lut0 - max0) *
-    exp(lut1 - max1), from `log_z_factors`' ex [Hkv, m, G, K] and counts [Hkv, rows, K] float64 (m <= 2). The top-k
-    of `pq_shortlist_cpu` reuses them (`cpu_select._code_scores(z=...)`) instead of recomputing them in float32."""
+    exp(lut1 - max1), from `log_z_factors`' ex [Hkv, m, G, K] and counts [Hkv, rows, K] float64 (m <= 2): the
+    histogram route of `sequence_z`."""
     # z[h, g, c1] = sum_c0 exp(lut0[g, c0]) C[c1, c0] (this operand order is MKL's fastest for the shape)
     z = torch.bmm(ex[:, 0], counts.transpose(1, 2))  # [Hkv, G, K] x [Hkv, K, rows] -> [Hkv, G, rows]
     return (z * ex[:, 1]).sum(dim=-1) if ex.shape[1] == 2 else z[..., 0]  # [Hkv, G]

@@ -1,5 +1,5 @@
 /* Native CPU kernels of pqpatch's decode step (loaded through ctypes by kernels/native.py; plain C, no headers
- * beyond the C library, so it compiles in about a second with the system compiler and needs no torch headers).
+ * beyond the C library, so it compiles in well under a second with the system compiler and needs no torch headers).
  *
  * Why native: a sparse decode step reads a few thousand scattered K/V rows (256-512 bytes) per KV head. Through
  * ATen that is index_select (a copy) then a matmul; the copy is latency bound (the hardware prefetchers do not

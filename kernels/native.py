@@ -9,6 +9,10 @@ several processes). ctypes releases the GIL during a call, so the k-means pool k
 
 Fallback: without a working compiler (or with `PQPATCH_NATIVE=0`) `available()` is False, the reason is logged once
 and kept in `unavailable_reason`, and the CPU backend runs its ATen path (same results, slower).
+
+Builds: with `-march=native` where the compiler takes it, else portable. The selection loops have AVX-512 forms
+(`has_avx512()`); `PQPATCH_NATIVE_MARCH=0` forces the portable build (scalar loops), which the tests use to check
+that both builds select the same tokens.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "disabled", "unavailable_reason", "code_z", "gather_logits", "gather_values", "select_top",
-           "supports"]
+__all__ = ["available", "disabled", "unavailable_reason", "code_z", "gather_logits", "gather_values", "has_avx512",
+           "select_top", "supports"]
 
 _log = logging.getLogger("pqpatch")
 _SRC = Path(__file__).resolve().parent / "csrc" / "pq_cpu.c"
@@ -95,11 +99,12 @@ def _build() -> ctypes.CDLL | None:
         unavailable_reason = "native CPU kernels need a C compiler (cc, gcc or clang on PATH; or set CC)"
         return None
     src = _SRC.read_bytes()
+    march = os.environ.get("PQPATCH_NATIVE_MARCH", "1") != "0"
     key = hashlib.sha256(src + cc.encode() + platform.machine().encode() + platform.node().encode()
-                         + " ".join(_FLAGS).encode()).hexdigest()[:16]
+                         + " ".join(_FLAGS).encode() + (b"" if march else b" portable")).hexdigest()[:16]
     so = _cache_dir() / f"pq_cpu-{key}.so"
     if not so.exists():
-        err = _compile(cc, so, march=True)
+        err = _compile(cc, so, march=True) if march else "portable build asked for (PQPATCH_NATIVE_MARCH=0)"
         if err is not None:  # a compiler without -march=native (or for another target): portable code
             err = _compile(cc, so, march=False)
         if err is not None:
@@ -120,6 +125,8 @@ def _build() -> ctypes.CDLL | None:
     lib.pq_select_top_pq.restype = i32
     lib.pq_code_z.argtypes = [p, p, i64, i64, i64, i64, i64, i64, i64, p, p]
     lib.pq_code_z.restype = i32
+    lib.pq_has_avx512.argtypes = []
+    lib.pq_has_avx512.restype = i32
     return lib
 
 
@@ -127,6 +134,12 @@ def available() -> bool:
     """Whether the native kernels are compiled and loaded here (compiling them on the first call), and not turned
     off by `disabled()`."""
     return _off == 0 and _load() is not None
+
+
+def has_avx512() -> bool:
+    """Whether the loaded build runs the selection loops with AVX-512 (16 tokens per instruction; `pq_cpu.c`)."""
+    lib = _load()
+    return lib is not None and bool(lib.pq_has_avx512())
 
 
 @contextlib.contextmanager
@@ -217,11 +230,12 @@ def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return buf
 
 
-def _table(numel: int) -> torch.Tensor:
-    """Per-thread float32 scratch for one row's code table (`pq_select_top_pq`), reused across calls."""
+def _table() -> torch.Tensor:
+    """Per-thread float32 scratch for one row's code table (`pq_select_top_pq`: 256 x 256 entries, so that any
+    pair of code bytes indexes inside it), reused across calls."""
     buf = getattr(_local, "table", None)
-    if buf is None or buf.numel() < numel:
-        buf = _local.table = torch.empty(numel)
+    if buf is None:
+        buf = _local.table = torch.empty(256 * 256)
     return buf
 
 
@@ -268,9 +282,9 @@ def select_top(rows: int, n: int, kk: int, scores: torch.Tensor | None = None,
                    and t.device.type == "cpu", f"{name} must be contiguous float32 [{rows}, *, G] on CPU, got "
                    f"{t.dtype} {tuple(t.shape)}")
         g, kc = fb.shape[1], fb.shape[2]
-        _check(fa.shape[2] == g and (m == 2 or fa.shape[1] == 1) and kc <= 256,
+        _check(fa.shape[2] == g and (m == 2 or fa.shape[1] == 1) and kc <= 256 and fa.shape[1] <= 256,
                f"fa {tuple(fa.shape)} / fb {tuple(fb.shape)} do not fit m = {m}")
-        tab = _table(fa.shape[1] * kc)
+        tab = _table()
         rc = _load().pq_select_top_pq(fa.data_ptr(), fb.data_ptr(), codes.data_ptr(), codes.stride(0),
                                       codes.stride(1), m, g, fa.shape[1], kc, rows, n, kk, *tail, tab.data_ptr())
     if rc == -2:
@@ -293,9 +307,11 @@ def code_z(ex: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     _check(codes.dtype == torch.uint8 and codes.dim() == 3 and codes.shape[0] == rows and codes.shape[2] == m
            and codes.stride(2) == 1 and codes.device.type == "cpu",
            f"codes must be uint8 [{rows}, n, {m}] on CPU with unit stride in m, got {codes.dtype} {tuple(codes.shape)}")
-    ext = ex.transpose(2, 3).contiguous()  # [rows, m, K, G]: a token's G factors side by side
+    # [rows, m, 256, G]: a token's G factors side by side; rows K..255 zero, so no code byte indexes outside
+    ext = torch.zeros(rows, m, 256, g, dtype=torch.float64)
+    ext[:, :, :kc] = ex.transpose(2, 3)
     z = torch.empty(rows, g, dtype=torch.float64)
-    part = torch.empty(kc * g, dtype=torch.float64)
+    part = torch.empty(2 * 256 * g, dtype=torch.float64)
     rc = _load().pq_code_z(ext.data_ptr(), codes.data_ptr(), codes.stride(0), codes.stride(1), m, g, kc, rows,
                            codes.shape[1], z.data_ptr(), part.data_ptr())
     _check(rc == 0, f"a code is >= K = {kc}")

@@ -136,6 +136,85 @@ def test_select_top_pq_scores_tokens_through_their_codes(m, kc, g, n):
     torch.testing.assert_close(thr, scores.topk(kk, dim=-1).values[:, -1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["packed", "every_other_token"])
+@pytest.mark.parametrize("n", [256, 1000, 4133])
+@pytest.mark.parametrize("kc,g", [(64, 4), (256, 8), (256, 1)])
+def test_select_top_pq_long_rows(layout, n, kc, g):
+    """Rows long enough for the blocked loops (256 tokens per block, 16 per vector, ragged tails): packed code
+    pairs take the gather path of an AVX-512 build, codes of every other token the scalar one; both equal the sort
+    rule on the exact scores (small integer factors), ties included, with and without extra positions."""
+    gen = _gen(n + kc + g)
+    rows, m = 2, 2
+    fa = torch.randint(0, 5, (rows, kc, g), generator=gen).float()
+    fb = torch.randint(0, 5, (rows, g, kc), generator=gen).float()
+    full = torch.randint(0, kc, (rows, 2 * n, m), generator=gen, dtype=torch.uint8)
+    codes = full[:, :n] if layout == "packed" else full[:, ::2]
+    c0, c1 = codes[..., 0].long(), codes[..., 1].long()
+    scores = torch.stack([(fa[h][c1[h]] * fb[h].t()[c0[h]]).sum(-1) for h in range(rows)])
+    for kk, extra in ((n // 5, None), (n // 10, torch.randint(-1, n, (rows, 9), generator=gen)), (n, None)):
+        pos, thr = native.select_top(rows, n, kk, factors=(fa, fb, codes), extra=extra)
+        assert _rows(pos) == _select_ref(scores, kk, extra)
+        torch.testing.assert_close(thr, scores.topk(kk, dim=-1).values[:, -1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["block", "tail"])
+@pytest.mark.parametrize("which", ["c0", "c1", "nan"])
+def test_select_top_pq_reports_bad_codes_and_nan_anywhere(where, which):
+    """A code beyond the centroids (in either byte) or a NaN factor is reported whether the token falls in a
+    blocked (vector) stretch or in the ragged tail: never a silent out-of-table read."""
+    n, kc, g = 1000, 16, 4
+    fa, fb = torch.rand(2, kc, g, generator=_gen(1)), torch.rand(2, g, kc, generator=_gen(2))
+    codes = torch.randint(0, kc, (2, n, 2), generator=_gen(3), dtype=torch.uint8)
+    i = 300 if where == "block" else n - 3
+    if which == "nan":
+        fb[1, 2, codes[1, i, 0]] = float("nan")
+        with pytest.raises(RuntimeError, match="NaN or negative"):
+            native.select_top(2, n, 50, factors=(fa, fb, codes))
+        return
+    codes[1, i, 0 if which == "c0" else 1] = 200
+    with pytest.raises(ValueError, match="beyond the centroids"):
+        native.select_top(2, n, 50, factors=(fa, fb, codes))
+
+
+_BUILDS = """
+import sys, torch
+from pqpatch.kernels import native
+print("avx512", native.has_avx512())
+g = torch.Generator().manual_seed(7)
+out = {}
+for n, kc, gg in ((1000, 64, 4), (4133, 256, 8)):
+    fa, fb = torch.rand(3, kc, gg, generator=g), torch.rand(3, gg, kc, generator=g)
+    codes = torch.randint(0, kc, (3, n, 2), generator=g, dtype=torch.uint8)
+    scores = torch.rand(3, n, generator=g)
+    extra = torch.randint(-1, n, (3, 5), generator=g)
+    ex = torch.rand(3, 2, gg, kc, generator=g, dtype=torch.float64)
+    out[n] = (native.select_top(3, n, n // 7, factors=(fa, fb, codes), extra=extra),
+              native.select_top(3, n, n // 3, scores=scores), native.code_z(ex, codes))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_portable_build_selects_the_same(tmp_path):
+    """The portable build (PQPATCH_NATIVE_MARCH=0: scalar loops, no AVX-512) and this process's build give the
+    same selections, thresholds and denominators on the same inputs (float32 table entries may differ in the last
+    bit between builds, so the inputs are random floats and the comparison of positions is exact only because no
+    two distinct codes score within an ulp of the threshold; the denominators agree to float64 rounding)."""
+    env = dict(os.environ, PQPATCH_NATIVE_MARCH="0", PQPATCH_CACHE_DIR=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", _BUILDS, str(tmp_path / "portable.pt")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "avx512 False" in res.stdout, res.stderr[-2000:]
+    res = subprocess.run([sys.executable, "-c", _BUILDS, str(tmp_path / "here.pt")], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    portable, here = torch.load(tmp_path / "portable.pt"), torch.load(tmp_path / "here.pt")
+    for n in portable:
+        (pp, pt), (sp, st), pz = portable[n]
+        (hp, ht), (sh, sth), hz = here[n]
+        assert torch.equal(pp, hp) and torch.equal(sp, sh) and torch.equal(st, sth)
+        torch.testing.assert_close(pt, ht, rtol=1e-6, atol=0)
+        torch.testing.assert_close(pz, hz, rtol=1e-12, atol=0)
+
+
 def test_select_top_rejects_nan_and_bad_arguments():
     s = torch.rand(2, 10)
     s[1, 3] = float("nan")

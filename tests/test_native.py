@@ -54,6 +54,36 @@ def test_gather_logits_and_values_match_torch(dtype, d, s, t, g):
     torch.testing.assert_close(got_v.double(), want_v + acc.double(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 96, 128])
+@pytest.mark.parametrize("g", [1, 3, 4, 8])
+def test_gather_over_runs_and_scattered_rows(dtype, d, g):
+    """Row lists that mix contiguous runs (the sink and the recent window: the constant-shape loops, runs of >= 16
+    rows) with scattered rows and skipped entries (the runtime-shape loops): runs of 15, 16 and 40 rows, a run cut
+    by a skipped entry, a run at the start and at the end of a list, and a list that is one run."""
+    gen = _gen(d * 10 + g)
+    r = 3000
+    src = torch.randn(r, d, generator=gen).to(dtype)
+    scattered = torch.randperm(r - 200, generator=gen)[:60].sort().values + 100
+    cut = torch.arange(1000, 1030)
+    cut[12] = -1  # a skipped entry inside a run: two runs of 12 and 17
+    lists = [torch.cat([torch.arange(0, 16), scattered[:20], torch.arange(500, 515), scattered[20:40], cut,
+                        scattered[40:], torch.arange(r - 40, r)]),
+             torch.cat([scattered, torch.full((3,), -1), torch.arange(2000, 2150)])[:146],
+             torch.arange(1200, 1346)]
+    s = min(len(x) for x in lists)
+    rows = torch.stack([x[:s] for x in lists])
+    t = rows.shape[0]
+    q, p = torch.randn(t, g, d, generator=gen), torch.rand(t, g, s, generator=gen)
+    rows64, ok = rows.clamp_min(0), (rows >= 0).double()
+    k64 = src.double()[rows64] * ok[..., None]
+    want_l = torch.where(rows[:, None, :] >= 0, torch.einsum("tgd,tsd->tgs", q.double(), k64) * 0.5, -1e9)
+    want_v = torch.einsum("tgs,tsd->tgd", p.double(), k64)
+    got_l = native.gather_logits(q, src, rows, scale=0.5, fill=-1e9)
+    torch.testing.assert_close(got_l.double(), want_l, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(native.gather_values(p, src, rows).double(), want_v, rtol=1e-5, atol=1e-4)
+
+
 def test_gather_rejects_bad_inputs_clearly():
     src, q, p = torch.randn(10, 8), torch.randn(2, 1, 8), torch.rand(2, 1, 3)
     rows = torch.zeros(2, 3, dtype=torch.int64)

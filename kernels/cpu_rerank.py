@@ -2,8 +2,10 @@
 `quality.rerank_exact_ref`, read through the gather pattern of `cpu_attention`.
 
 With the native kernels (`native.py`) the shortlist's key rows are read in place (`native.gather_logits`, scaled,
--inf for empty entries) and the selection is one radix-select call (`_select_native`); the ATen path below is the
-fallback without them.
+-inf for empty entries); with per-head log-partitions (the decode step's rule) the score arithmetic around torch's
+exp, the radix select and the gathers of the kept positions and logits are two native passes
+(`native.rerank_pick`), otherwise the selection is one radix-select call (`_select_native`); the ATen path below is
+the fallback without them.
 
 Why it is fast on CPU (plain ATen ops; nothing here touches a device):
   * The shortlist is read in ascending position order (sorted when it is not already, empty entries last;
@@ -98,6 +100,11 @@ def rerank_topk_cpu(query: torch.Tensor, keys: torch.Tensor, shortlist: torch.Te
         rows = ix.clamp_max(n - 1) + torch.arange(0, bh * n, n).view(bh, 1)  # empty entries read a real row, masked
         logits = _gather_logits(qf, _rows(keys), rows, chunk)
         logits.mul_(scaling).masked_fill_(~valid[:, None, :], float("-inf"))
+    if log_z is not None and native.available():  # the score arithmetic and the pick in two native passes
+        found = native.rerank_pick(logits, log_z.reshape(bh, g).float(), ix.contiguous(), n, kk, k)
+        if found is not None:
+            top, sel = found[0].view(b, h, k), found[1].view(b, h, g, k)
+            return (top, sel) if keep_logits else top
     raw = logits.clone() if keep_logits else None  # the exact logits, before the score arithmetic below
     if log_z is not None:
         # each head's probability under its full-candidate softmax, sum_g exp(l - log_z), scaled by one factor

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["available", "disabled", "unavailable_reason", "code_z", "gather_logits", "gather_values", "has_avx512",
-           "select_top", "supports"]
+           "rerank_pick", "select_top", "supports"]
 
 _log = logging.getLogger("pqpatch")
 _SRC = Path(__file__).resolve().parent / "csrc" / "pq_cpu.c"
@@ -125,6 +125,10 @@ def _build() -> ctypes.CDLL | None:
     lib.pq_select_top_pq.restype = i32
     lib.pq_code_z.argtypes = [p, p, i64, i64, i64, i64, i64, i64, i64, p, p]
     lib.pq_code_z.restype = i32
+    lib.pq_rerank_prep.argtypes = [p, p, i64, i64, i64, p]
+    lib.pq_rerank_prep.restype = i32
+    lib.pq_rerank_pick.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, p, p]
+    lib.pq_rerank_pick.restype = i32
     lib.pq_has_avx512.argtypes = []
     lib.pq_has_avx512.restype = i32
     return lib
@@ -316,3 +320,40 @@ def code_z(ex: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
                            codes.shape[1], z.data_ptr(), part.data_ptr())
     _check(rc == 0, f"a code is >= K = {kc}")
     return z
+
+
+def rerank_pick(raw: torch.Tensor, log_z: torch.Tensor, ix: torch.Tensor, n: int, kk: int, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The selection of exact re-ranking with per-head log-partitions (`cpu_rerank.rerank_topk_cpu`): entry s of row
+    t scores sum_g exp(raw[t, g, s] - log_z[t, g] - mx[t]), mx[t] its row's largest raw - log_z; the kk best per
+    row are kept, ties to the earliest entries.
+
+    raw: [T, G, S] float32 exact scaled logits (-inf for an empty entry); log_z: [T, G] float32 (an infinite entry
+    counts as 0); ix: [T, S] int64 positions, ascending, empty entries = n (sorted to the tail); 0 < kk <= min(S, k).
+    Returns (top [T, k] int64: the kept positions ascending, then -1; logits [T, G, k] float32: their raw logits,
+    -inf after), or None when a score is NaN (the caller's ATen path then decides). The exp runs in torch, so the
+    scores have the ATen path's bits; the arithmetic around it and the pick are `pq_rerank_prep` / `pq_rerank_pick`.
+    """
+    _check(raw.dtype == torch.float32 and raw.dim() == 3 and raw.is_contiguous() and raw.device.type == "cpu",
+           f"raw must be contiguous float32 [T, G, S] on CPU, got {raw.dtype} {tuple(raw.shape)}")
+    t, g, s = raw.shape
+    _check(tuple(log_z.shape) == (t, g) and log_z.dtype == torch.float32,
+           f"log_z must be float32 [{t}, {g}], got {log_z.dtype} {tuple(log_z.shape)}")
+    _check(tuple(ix.shape) == (t, s) and ix.dtype == torch.int64 and ix.is_contiguous(),
+           f"ix must be contiguous int64 [{t}, {s}], got {ix.dtype} {tuple(ix.shape)}")
+    _check(0 < kk <= min(s, k), f"need 0 < kk <= min(S, k), got kk = {kk}, S = {s}, k = {k}")
+    lib = _load()
+    lz = torch.where(torch.isfinite(log_z), log_z, 0.0).contiguous()
+    ws = torch.empty(t, g, s)
+    _check(lib.pq_rerank_prep(raw.data_ptr(), lz.data_ptr(), t, g, s, ws.data_ptr()) == 0,
+           "pq_rerank_prep rejected its arguments")
+    ws.exp_()
+    top = torch.empty(t, k, dtype=torch.int64)
+    sel = torch.empty(t, g, k)
+    work, cand, flag = _scratch(s)
+    rc = lib.pq_rerank_pick(ws.data_ptr(), raw.data_ptr(), ix.data_ptr(), n, t, g, s, kk, k, top.data_ptr(),
+                            sel.data_ptr(), work.data_ptr(), cand.data_ptr(), flag.data_ptr())
+    if rc == -2:
+        return None
+    _check(rc == 0, "pq_rerank_pick rejected its arguments")
+    return top, sel

@@ -245,6 +245,41 @@ def test_portable_build_selects_the_same(tmp_path):
         torch.testing.assert_close(pz, hz, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("s,kk,k", [(1, 1, 1), (17, 5, 8), (97, 40, 40), (1000, 333, 400), (5000, 2500, 2500)])
+@pytest.mark.parametrize("g", [1, 4, 8])
+def test_rerank_pick_matches_the_aten_rule(s, kk, k, g):
+    """native.rerank_pick against the rule of the ATen path: scores sum_g exp(raw - log_z - max), the kk best (ties
+    to the earliest: small integer logits make many), empty entries (ix = n, at the tail, -inf logits) never kept
+    unless taken as ties (then -1 / -inf), infinite log-partitions counted as 0; positions and logits per slot."""
+    gen = _gen(s + kk + g)
+    t, n = 3, 10 ** 6
+    raw = torch.randint(-6, 3, (t, g, s), generator=gen).float()
+    ix = torch.randint(0, n, (t, s), generator=gen).sort(-1).values
+    empty = torch.zeros(t, s, dtype=torch.bool)
+    empty[1, s - s // 3:] = True  # row 1 ends with empty entries
+    if s > 1:
+        empty[2, 1:] = True  # row 2 has one valid entry only
+    ix[empty] = n
+    raw.masked_fill_(empty[:, None, :], float("-inf"))
+    log_z = torch.randn(t, g, generator=gen)
+    log_z[0, 0] = float("-inf")
+    top, sel = native.rerank_pick(raw, log_z, ix, n, kk, k)
+    lz = torch.where(torch.isfinite(log_z), log_z, 0.0)
+    x = raw - lz[:, :, None]
+    mx = x.amax(dim=(1, 2), keepdim=True)
+    score = (x - torch.where(torch.isfinite(mx), mx, 0.0)).exp().sum(dim=1).masked_fill(empty, 0.0)
+    for r in range(t):
+        order = sorted(range(s), key=lambda i: (-float(score[r, i]), i))[:kk]
+        cols = sorted(order)
+        want_top = [int(ix[r, c]) if not empty[r, c] else -1 for c in cols] + [-1] * (k - kk)
+        assert top[r].tolist() == want_top
+        want_sel = torch.full((g, k), float("-inf"))
+        for j, c in enumerate(cols):
+            if not empty[r, c]:
+                want_sel[:, j] = raw[r, :, c]
+        assert torch.equal(sel[r], want_sel)
+
+
 def test_select_top_rejects_nan_and_bad_arguments():
     s = torch.rand(2, 10)
     s[1, 3] = float("nan")

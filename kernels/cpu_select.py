@@ -39,7 +39,7 @@ from . import native
 from .cpu_attention import _workspace
 from .cpu_np import kth_largest, row_positions
 
-__all__ = ["pq_topk_cpu", "pq_lut", "JointCodes", "joint_codes", "radix_threshold", "mark"]
+__all__ = ["pq_topk_cpu", "pq_lut", "JointCodes", "joint_codes", "radix_threshold", "mark", "select_fused"]
 
 # (shift, width) of the three digits of a non-negative int32 key, most significant first
 _DIGITS = ((20, 11), (9, 11), (0, 9))
@@ -125,7 +125,12 @@ def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | 
     n = codes.shape[1]
     use_table = uses_code_table(m, kc, g, n)
     fast = use_table and native.available()
-    if fast:
+    if fast and z is None and codes.stride(2) == 1:
+        # the whole selection in one native call (`select_fused`); None: float32 lost range, the float64 table below
+        found = select_fused(lut, codes, kk, extra)
+        if found is not None:
+            return found[0]
+    elif fast:
         # the native kernel scores every token from its codes through the head's code table (built in the kernel
         # from two factor tables; L1/L2-resident) and radix-selects: per-token work is cheap there, so this also
         # replaces the weighted search over the code table below, whatever the table's size
@@ -164,6 +169,23 @@ def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | 
     above, tie = cls == 2, cls == 1
     # ties at the threshold: the first `need` of them in position order
     return _emit(_take_first_ties(above, tie, need), kk, extra)
+
+
+def select_fused(lut: torch.Tensor, codes: torch.Tensor, kk: int, extra: torch.Tensor | None = None,
+                 ex: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`_select`'s native route as one kernel call per sequence (`native.topk_pq`): the denominators, the factor
+    tables, the code table, the scores and the radix select, with the bits of the separate calls (`sequence_z`'s
+    denominators, `_code_scores`' float32 factors, `select_top`'s rule). lut: [Hkv, m, G, K] float32 (m <= 2);
+    codes: [Hkv, n, m] uint8 with unit stride in m; 0 < kk < n; extra as `_select`; ex: the lut's
+    `log_z_factors` [Hkv, m, G, K] float64 when the caller has them. Returns (pos [Hkv, kk (+ X)] int64, z [Hkv, G]
+    float64: the softmax denominators, for the log-partition), or None where float32 factors lose range (a
+    denominator below _TINY32 or a threshold below _LOW32: the caller takes the float64 table)."""
+    if ex is None:
+        from .log_partition import log_z_factors  # (that module imports this one)
+
+        ex = log_z_factors(lut[None])[0][0]
+    e32 = (lut - lut.amax(dim=-1, keepdim=True)).exp_()  # `_code_scores`' float32 factors
+    return native.topk_pq(ex.contiguous(), e32, codes, kk, extra, _TINY32, _LOW32)
 
 
 def _take_first_ties(above: torch.Tensor, tie: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
@@ -255,9 +277,12 @@ def _select_native(h: int, n: int, kk: int, min_thr: float | None, extra: torch.
 def pq_lut(query: torch.Tensor, centroids: torch.Tensor, scaling: float) -> torch.Tensor:
     """[B, Hkv, m, G, K] float32 lookup table: scaled inner products of each query sub-vector with every centroid.
     query: [B, Hkv, G, D]; centroids: [B, Hkv, m, K, Ds]. One function for `pq_topk_cpu`, `log_partition_cpu` and
-    `pq_shortlist_cpu`, so the fused op reads the very table the separate ops compute (same bits)."""
+    `pq_shortlist_cpu`, so the fused op reads the very table the separate ops compute (same bits). With the native
+    kernels, `native.lut` (the same products, summed in another order)."""
     b, h, g, _ = query.shape
     m, kc, ds = centroids.shape[2:]
+    if native.available():  # one small loop: no library dispatch, which costs most of a bmm this size when cold
+        return native.lut(query, centroids, scaling)
     q = query.float().reshape(b * h, g, m, ds).transpose(1, 2).reshape(b * h * m, g, ds)
     c = centroids.float().reshape(b * h * m, kc, ds)
     return torch.bmm(q, c.transpose(1, 2)).mul_(scaling).view(b, h, m, g, kc)

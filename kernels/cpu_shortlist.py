@@ -9,7 +9,8 @@ histogram (and the lookup table) was built twice per step; here it is built once
 
 With the native kernels (`native.py`) that per-token work is one pass summing each token's factors by its codes
 (`native.code_z`, through `log_partition.sequence_z`): no histogram is built, and the denominators it gives are
-also the top-k's (`cpu_select._select(z=...)`).
+also the top-k's (`cpu_select._select(z=...)`). Where the top-k scores through the code table, the denominators
+and the selection are one native call per sequence (`cpu_select.select_fused`), with the same bits.
 
 Equality with the separate ops: the same functions run on the same table and the same counts, so the indices equal
 `pq_topk_cpu`'s and log_z equals `log_partition_cpu`'s bit for bit (tests/test_pq_shortlist.py checks both). Where
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_select import _check_inputs, _emit, _select, joint_codes, mark, pq_lut, pq_topk_cpu
+from .cpu_select import (_check_inputs, _emit, _select, joint_codes, mark, pq_lut, pq_topk_cpu, select_fused,
+                         uses_code_table)
 from .log_partition import log_partition_ref, log_z_factors, native_z, sequence_z
 
 __all__ = ["pq_shortlist_cpu"]
@@ -62,13 +64,21 @@ def pq_shortlist_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.
         if e <= a:
             continue  # no candidate: idx stays -1, log_z -inf
         c = codes[bi, :, a:e]
+        kb = min(kk, e - a)
+        extra = None if x == 0 else _relative(outliers[bi], a, e)
+        if 0 < kb < e - a and native_z(c) and uses_code_table(m, kc, g, e - a):
+            # denominators and selection in one native call; the same bits as the separate route below
+            fused = select_fused(lut[bi], c, kb, extra, ex=ex[bi])
+            if fused is not None:
+                pos, z = fused
+                log_z[bi] = (z.log() + shift[bi]).float()
+                out[bi, :, :pos.shape[1]] = pos.add_(a) if extra is None else torch.where(pos >= 0, pos + a, -1)
+                continue
         # the one per-token pass for the log-partition: the native kernel's, or the joint-code histogram (then
         # shared with the ATen top-k)
         hist = None if native_z(c) else joint_codes(c, kc)
         z = sequence_z(ex[bi], c, hist)  # [Hkv, G] float64, also the top-k's denominators
         log_z[bi] = (z.log() + shift[bi]).float()  # = log_partition_cpu's
-        kb = min(kk, e - a)
-        extra = None if x == 0 else _relative(outliers[bi], a, e)
         if kb == e - a:  # every candidate fits (outliers included): no scoring needed
             out[bi, :, :kb] = torch.arange(a, e)
             continue

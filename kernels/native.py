@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["available", "disabled", "unavailable_reason", "code_z", "gather_logits", "gather_values", "has_avx512",
-           "rerank_pick", "select_top", "supports"]
+           "lut", "rerank_pick", "select_top", "supports", "topk_pq"]
 
 _log = logging.getLogger("pqpatch")
 _SRC = Path(__file__).resolve().parent / "csrc" / "pq_cpu.c"
@@ -129,6 +129,11 @@ def _build() -> ctypes.CDLL | None:
     lib.pq_rerank_prep.restype = i32
     lib.pq_rerank_pick.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, p, p]
     lib.pq_rerank_pick.restype = i32
+    lib.pq_topk_pq.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, p, i64, p, p, p, f32, f32, p, p, p,
+                               p, p, p]
+    lib.pq_topk_pq.restype = i32
+    lib.pq_lut.argtypes = [p, p, i64, i64, i64, i64, i64, f32, p, p]
+    lib.pq_lut.restype = i32
     lib.pq_has_avx512.argtypes = []
     lib.pq_has_avx512.restype = i32
     return lib
@@ -357,3 +362,64 @@ def rerank_pick(raw: torch.Tensor, log_z: torch.Tensor, ix: torch.Tensor, n: int
         return None
     _check(rc == 0, "pq_rerank_pick rejected its arguments")
     return top, sel
+
+
+def topk_pq(ex: torch.Tensor, e32: torch.Tensor, codes: torch.Tensor, kk: int, extra: torch.Tensor | None,
+            tiny: float, low: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One sequence's PQ top-k in one call (`pq_topk_pq`): the denominators (the bits of `code_z`), the factor
+    tables, the code table, the scores and the radix select of `select_top(factors=...)`.
+
+    ex: [rows, m, G, K] float64 (`log_partition.log_z_factors`); e32: [rows, m, G, K] float32, exp(lut - max over
+    K) in float32; codes: [rows, n, m] uint8, unit stride in m; 0 < kk <= n; extra: optional [rows, X] int64.
+    Returns (pos [rows, kk + X] int64 as `select_top`, z [rows, G] float64), or None when a denominator is <= tiny
+    or a threshold < low in float32 (the caller redoes the selection with float64 factors)."""
+    rows, m, g, kc = ex.shape
+    _check(ex.dtype == torch.float64 and ex.is_contiguous() and m in (1, 2) and kc <= 256 and g <= 256,
+           f"ex must be contiguous float64 [rows, m <= 2, G, K <= 256], got {ex.dtype} {tuple(ex.shape)}")
+    _check(e32.dtype == torch.float32 and e32.is_contiguous() and e32.shape == ex.shape,
+           f"e32 must be contiguous float32 {tuple(ex.shape)}, got {e32.dtype} {tuple(e32.shape)}")
+    _check(codes.dtype == torch.uint8 and codes.dim() == 3 and codes.shape[0] == rows and codes.shape[2] == m
+           and codes.stride(2) == 1 and codes.device.type == "cpu",
+           f"codes must be uint8 [{rows}, n, {m}] on CPU with unit stride in m, got {codes.dtype} {tuple(codes.shape)}")
+    n = codes.shape[1]
+    _check(0 < kk <= n, f"need 0 < kk <= n, got kk = {kk}, n = {n}")
+    x = 0
+    if extra is not None:
+        _check(extra.dtype == torch.int64 and extra.dim() == 2 and extra.shape[0] == rows,
+               f"extra must be int64 [{rows}, X], got {extra.dtype} {tuple(extra.shape)}")
+        extra = extra.contiguous()
+        x = extra.shape[1]
+    out = torch.empty(rows, kk + x, dtype=torch.int64)
+    thr = torch.empty(rows, dtype=torch.float32)
+    z = torch.empty(rows, g, dtype=torch.float64)
+    work, cand, flag = _scratch(n)
+    scratch = torch.empty(4 * 256 * g, dtype=torch.float64)
+    fscratch = torch.empty(256 * g)
+    rc = _load().pq_topk_pq(ex.data_ptr(), e32.data_ptr(), codes.data_ptr(), codes.stride(0), codes.stride(1), m,
+                            g, kc, rows, n, kk, None if extra is None else extra.data_ptr(), x, out.data_ptr(),
+                            thr.data_ptr(), z.data_ptr(), tiny, low, work.data_ptr(), cand.data_ptr(),
+                            flag.data_ptr(), _table().data_ptr(), scratch.data_ptr(), fscratch.data_ptr())
+    if rc == -3:
+        return None
+    if rc == -2:
+        raise RuntimeError("pq_topk_cpu got a NaN or negative token score (NaN in the query or the centroids?)")
+    _check(rc == 0, "native topk_pq rejected its arguments (a code beyond the centroids?)")
+    return out, z
+
+
+def lut(query: torch.Tensor, centroids: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The PQ lookup table (`pq_lut` in pq_cpu.c): [B, Hkv, m, G, K] float32, scaling * (query sub-vector .
+    centroid). query: [B, Hkv, G, D]; centroids: [B, Hkv, m, K, Ds] (m * Ds = D), both on CPU (read as float32)."""
+    b, h, g, d = query.shape
+    m, kc, ds = centroids.shape[2:]
+    _check(query.device.type == "cpu" and centroids.device.type == "cpu" and m * ds == d
+           and tuple(centroids.shape[:2]) == (b, h) and ds <= _MAX_DIM,
+           f"lut needs CPU query [B, Hkv, G, D] and centroids [B, Hkv, m, K, Ds] with m * Ds = D, got "
+           f"{tuple(query.shape)} and {tuple(centroids.shape)}")
+    q = query.float().contiguous()
+    c = centroids.float().contiguous()
+    out = torch.empty(b, h, m, g, kc)
+    qs = torch.empty(g * ds)
+    rc = _load().pq_lut(q.data_ptr(), c.data_ptr(), b * h, m, g, kc, ds, scaling, out.data_ptr(), qs.data_ptr())
+    _check(rc == 0, "pq_lut rejected its arguments")
+    return out

@@ -131,6 +131,8 @@ def test_pq_topk_cpu_float32_code_table_redoes_peaked_queries_in_float64(monkeyp
     wide, real = [], cpu_select._code_scores
     monkeypatch.setattr(cpu_select, "_code_scores", lambda lut, codes, wide_=False, **kw: (
         wide.append(kw.get("wide", wide_)) or real(lut, codes, **kw)))
+    fused = cpu_select.select_fused  # the native route's float32 try (one kernel call)
+    monkeypatch.setattr(cpu_select, "select_fused", lambda *a, **kw: wide.append(False) or fused(*a, **kw))
     idx = kernels.pq_topk(**x, k=1500, scaling=scale, backend="cpu")
     assert_topk_rule(idx, x, 1500, scale)
     assert wide[0] is False  # the float32 table is tried first

@@ -280,6 +280,55 @@ def test_rerank_pick_matches_the_aten_rule(s, kk, k, g):
         assert torch.equal(sel[r], want_sel)
 
 
+@pytest.mark.parametrize("m,kc", [(1, 16), (2, 16), (2, 64), (2, 256)])
+@pytest.mark.parametrize("g", [1, 4, 8])
+@pytest.mark.parametrize("n,layout", [(17, "packed"), (97, "strided"), (1000, "packed"), (5000, "strided")])
+def test_topk_pq_equals_the_separate_calls(m, kc, g, n, layout):
+    """native.topk_pq (one call per sequence) gives the bits of the separate route: code_z's denominators, the
+    float32 factor tables of `_code_scores`, select_top's positions (with extra positions); and None, not a wrong
+    answer, where a float32 denominator would underflow."""
+    from pqpatch.kernels import cpu_select
+    from pqpatch.kernels.log_partition import log_z_factors
+
+    gen = _gen(m * 7 + kc + g * 3 + n)
+    rows = 3
+    lut = torch.randn(rows, m, g, kc, generator=gen) * 2
+    full = torch.randint(0, kc, (rows, 2 * n, m), generator=gen, dtype=torch.uint8)
+    codes = full[:, :n] if layout == "packed" else full[:, ::2]
+    kk, extra = max(1, n // 5), torch.randint(-1, n, (rows, 5), generator=gen)
+    ex = log_z_factors(lut[None])[0][0].contiguous()
+    e32 = (lut - lut.amax(dim=-1, keepdim=True)).exp_()
+    pos, z = native.topk_pq(ex, e32, codes, kk, extra, 1e-20, 1e-30)
+    want_z = native.code_z(ex, codes)
+    assert torch.equal(z, want_z)
+    (fa, fb), *_ = cpu_select._code_scores(lut, codes, factors=True, z=want_z)
+    want_pos, _ = native.select_top(rows, n, kk, factors=(fa, fb, codes), extra=extra)
+    assert torch.equal(pos, want_pos)
+    peaked = lut.clone()
+    peaked[1, :, :, 0] = 300.0  # one code far above the rest: the others' factors underflow float32...
+    peaked[1, :, :, 1:] = -300.0
+    codes_no0 = codes.clone()
+    codes_no0[1][codes_no0[1] == 0] = 1  # ...and no token has it: the denominators underflow
+    ex_p = log_z_factors(peaked[None])[0][0].contiguous()
+    e32_p = (peaked - peaked.amax(dim=-1, keepdim=True)).exp_()
+    assert native.topk_pq(ex_p, e32_p, codes_no0, kk, None, 1e-20, 1e-30) is None
+
+
+@pytest.mark.parametrize("m,ds", [(1, 64), (2, 64), (2, 48), (4, 32), (8, 16)])
+@pytest.mark.parametrize("g", [1, 3, 4, 8])
+@pytest.mark.parametrize("kc", [1, 16, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lut_matches_torch(m, ds, g, kc, dtype):
+    """native.lut: scaling * (query sub-vector . centroid) for every head, sub-space and centroid, against float64
+    torch (a bfloat16 input is read as float32)."""
+    gen = _gen(m * ds + g + kc)
+    b, h = 2, 3
+    q = torch.randn(b, h, g, m * ds, generator=gen).to(dtype)
+    c = torch.randn(b, h, m, kc, ds, generator=gen).to(dtype)
+    want = torch.einsum("bhgmd,bhmkd->bhmgk", q.double().view(b, h, g, m, ds), c.double()) * 0.3
+    torch.testing.assert_close(native.lut(q, c, 0.3).double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_select_top_rejects_nan_and_bad_arguments():
     s = torch.rand(2, 10)
     s[1, 3] = float("nan")

@@ -213,8 +213,9 @@ def _counting(monkeypatch, calls, module, name):
 
 def test_cpu_builds_one_histogram_per_sequence(monkeypatch, cpu_path):
     """The point of the op on CPU: the per-token pass of a sequence for the softmax denominators is made once, not
-    once per op: the joint-code histogram on the ATen path, `native.code_z` with the native kernels (which then
-    build no histogram at all)."""
+    once per op: the joint-code histogram on the ATen path; with the native kernels (which build no histogram at
+    all) `native.code_z` for the log-partition alone, and one `native.topk_pq` call (denominators and selection)
+    for the top-k and for the shortlist."""
     from pqpatch.kernels import native
 
     q, c, codes, lo, hi = _inputs(4, 2, 4, 64, 2, 6, 3000, "inner")  # code-table path: both ops histogram
@@ -222,13 +223,16 @@ def test_cpu_builds_one_histogram_per_sequence(monkeypatch, cpu_path):
     for module in (cpu_select, cpu_shortlist, log_partition):
         _counting(monkeypatch, calls, module, "joint_codes")
     _counting(monkeypatch, calls, native, "code_z")
-    want = "code_z" if cpu_path == "native" else "joint_codes"
+    _counting(monkeypatch, calls, native, "topk_pq")
+    native_path = cpu_path == "native"
     kernels.pq_topk(q, c, codes, lo, hi, 600, 0.125, backend="cpu")
+    assert calls == ["topk_pq" if native_path else "joint_codes"] * 2  # one per sequence
+    calls.clear()
     kernels.pq_log_partition(q, c, codes, lo, hi, 0.125, backend="cpu")
-    assert calls == [want] * 4  # two ops x two sequences
+    assert calls == ["code_z" if native_path else "joint_codes"] * 2
     calls.clear()
     kernels.pq_shortlist(q, c, codes, lo, hi, 600, 0.125, backend="cpu")
-    assert calls == [want] * 2
+    assert calls == ["topk_pq" if native_path else "joint_codes"] * 2
 
 
 @pytest.mark.triton

@@ -684,21 +684,96 @@ static inline __attribute__((always_inline)) int z_row(const double *e0, const d
  * replaces the joint-code histogram (65536 zeroed bins per head for b = 8), its float64 copy and a bilinear matmul.
  * codes: token i of row r at codes + r * cs0 + i * cs1; part: [2 * 256 * G] float64 scratch. Returns 0, or -1 for a
  * bad argument or a code >= kc. */
+static int z_dispatch(const double *e0, const double *e1, const uint8_t *cr, int64_t cs1, int64_t m, int64_t g,
+                      int64_t kc, int64_t n, double *zr, double *part) {
+    /* the common shapes (packed codes; GQA groups of Llama-3 / Mistral / Qwen / Gemma) as constant copies */
+    if (m == 2 && cs1 == 2 && g == 4) return z_row(e0, e1, cr, 2, 2, 4, kc, n, zr, part);
+    if (m == 2 && cs1 == 2 && g == 8) return z_row(e0, e1, cr, 2, 2, 8, kc, n, zr, part);
+    if (m == 2 && cs1 == 2 && g == 2) return z_row(e0, e1, cr, 2, 2, 2, kc, n, zr, part);
+    if (m == 2 && cs1 == 2 && g == 1) return z_row(e0, e1, cr, 2, 2, 1, kc, n, zr, part);
+    if (m == 2) return z_row(e0, e1, cr, cs1, 2, g, kc, n, zr, part);
+    return z_row(e0, e1, cr, cs1, 1, g, kc, n, zr, part);
+}
+
 int pq_code_z(const double *ex, const uint8_t *codes, int64_t cs0, int64_t cs1, int64_t m, int64_t g, int64_t kc,
               int64_t rows, int64_t n, double *z, double *part) {
     if ((m != 1 && m != 2) || g <= 0 || kc <= 0 || kc > 256) return -1;
     int bad = 0;
     for (int64_t r = 0; r < rows; r++) {
         const double *e0 = ex + r * m * 256 * g, *e1 = e0 + 256 * g;
-        const uint8_t *cr = codes + r * cs0;
-        double *zr = z + r * g;
-        /* the common shapes (packed codes; GQA groups of Llama-3 / Mistral / Qwen / Gemma) as constant copies */
-        if (m == 2 && cs1 == 2 && g == 4) bad |= z_row(e0, e1, cr, 2, 2, 4, kc, n, zr, part);
-        else if (m == 2 && cs1 == 2 && g == 8) bad |= z_row(e0, e1, cr, 2, 2, 8, kc, n, zr, part);
-        else if (m == 2 && cs1 == 2 && g == 2) bad |= z_row(e0, e1, cr, 2, 2, 2, kc, n, zr, part);
-        else if (m == 2 && cs1 == 2 && g == 1) bad |= z_row(e0, e1, cr, 2, 2, 1, kc, n, zr, part);
-        else if (m == 2) bad |= z_row(e0, e1, cr, cs1, 2, g, kc, n, zr, part);
-        else bad |= z_row(e0, e1, cr, cs1, 1, g, kc, n, zr, part);
+        bad |= z_dispatch(e0, e1, codes + r * cs0, cs1, m, g, kc, n, z + r * g, part);
     }
     return bad ? -1 : 0;
+}
+
+/* ---- the lookup table of a decode step (cpu_select.pq_lut) -----------------------------------------------------
+ * lut[r, mm, g, c] = scaling * (q[r, g, mm * Ds : (mm + 1) * Ds] . cent[r, mm, c, :]) for rows r (B * Hkv), sub-
+ * spaces mm < m, query heads g < G, centroids c < K. Per centroid row the G dots share its loads (`row_dots`); the
+ * query's sub-vectors are first copied contiguous (qs scratch: [G, Ds]). Why not ATen's bmm: on the CI VM the 16
+ * small [4 x 64] x [64 x 256] products cost 0.07 ms warm but 0.33 ms after a layer's attention has evicted the
+ * caches (0.2 ms of it with the data already cached: the library's code and dispatch), once per layer and step.
+ * q: [rows, G, D] float32; cent: [rows, m, K, Ds] float32, contiguous; out: [rows, m, G, K]. */
+int pq_lut(const float *q, const float *cent, int64_t rows, int64_t m, int64_t g, int64_t kc, int64_t ds,
+           float scaling, float *out, float *qs) {
+    if (m <= 0 || g <= 0 || kc <= 0 || ds <= 0 || ds > MAX_DIM) return -1;
+    float dots[8];
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t mm = 0; mm < m; mm++) {
+            for (int64_t j = 0; j < g; j++) memcpy(qs + j * ds, q + (r * g + j) * m * ds + mm * ds, ds * sizeof(float));
+            const float *cr = cent + (r * m + mm) * kc * ds;
+            float *o = out + (r * m + mm) * g * kc;
+            for (int64_t c = 0; c < kc; c++)
+                for (int64_t h0 = 0; h0 < g; h0 += 8) {
+                    const int64_t w = g - h0 < 8 ? g - h0 : 8;
+                    row_dots_any(qs + h0 * ds, cr + c * ds, ds, w, dots);
+                    for (int64_t h = 0; h < w; h++) o[(h0 + h) * kc + c] = dots[h] * scaling;
+                }
+        }
+    return 0;
+}
+
+/* ---- the whole PQ top-k of one sequence in one call (cpu_select._select_fused) -----------------------------------
+ * Per row: the softmax denominators (z_row, the bits of pq_code_z), the two factor tables of the group score
+ * (fa[c1, g] = e1[g, c1] / z_g rounded to float32, fb = e0: `cpu_select._code_scores` with factors=True), the code
+ * table, the scores and the radix select (pq_select_top_pq's loops). One call instead of ~20 ATen ops and three
+ * kernels between them (~0.2 ms per step warm, more with cold caches after a layer's attention).
+ * ex: [rows, m, G, K] float64, exp(lut - max over K); e32: [rows, m, G, K] float32, the same factors computed in
+ * float32 (what `_code_scores` computes); z_out: [rows, G] float64, written. scratch: [4 * 256 * G] float64;
+ * fscratch: [256 * G] float32; tab: [65536] float32. Returns 0; -1 bad argument / code >= K; -2 NaN or negative
+ * score; -3 a denominator <= tiny (1e-20, compared in float32) or a threshold < low (1e-30): float32 factors lose
+ * range there, and the caller redoes the row in float64 (`_code_scores(wide=True)`). */
+int pq_topk_pq(const double *ex, const float *e32, const uint8_t *codes, int64_t cs0, int64_t cs1, int64_t m,
+               int64_t g, int64_t kc, int64_t rows, int64_t n, int64_t kk, const int64_t *extra, int64_t x,
+               int64_t *out, float *thr_out, double *z_out, float tiny, float low, uint32_t *work, uint32_t *cand,
+               uint8_t *flag, float *tab, double *scratch, float *fscratch) {
+    if ((m != 1 && m != 2) || g <= 0 || g > 256 || kc <= 0 || kc > 256 || kk <= 0 || kk > n) return -1;
+    const int64_t r_count = m == 2 ? kc : 1;
+    double *et = scratch, *part = scratch + 2 * 256 * g;  /* et: [m, 256, G] zero-padded, as pq_code_z reads */
+    for (int64_t r = 0; r < rows; r++) {
+        const double *er = ex + r * m * g * kc;
+        memset(et, 0, (size_t)(2 * 256 * g) * sizeof(double));
+        for (int64_t mm = 0; mm < m; mm++)
+            for (int64_t j = 0; j < g; j++)
+                for (int64_t c = 0; c < kc; c++) et[(mm * 256 + c) * g + j] = er[(mm * g + j) * kc + c];
+        double *zr = z_out + r * g;
+        const uint8_t *cr = codes + r * cs0;
+        if (z_dispatch(et, et + 256 * g, cr, cs1, m, g, kc, n, zr, part)) return -1;
+        float zf[256];  /* the denominators in float32, as `_code_scores` divides (g <= 256) */
+        for (int64_t j = 0; j < g; j++) {
+            zf[j] = (float)zr[j];
+            if (!(zf[j] > tiny)) return -3;
+        }
+        const float *e0 = e32 + r * m * g * kc, *e1 = e0 + g * kc;  /* [G, K] each */
+        for (int64_t c1 = 0; c1 < r_count; c1++)
+            for (int64_t j = 0; j < g; j++) fscratch[c1 * g + j] = (m == 2 ? e1[j * kc + c1] : 1.0f) / zf[j];
+        build_table(fscratch, e0, r_count, g, kc, tab);
+        int64_t hist[2048];
+        memset(hist, 0, sizeof(hist));
+        const int bad = score_row(tab, cr, cs1, m, kc, r_count, n, work, hist);
+        if (bad & 1) return -1;
+        if (bad) return -2;
+        select_row(work, hist, cand, flag, n, kk, extra ? extra + r * x : 0, x, out + r * (kk + x), thr_out + r);
+        if (!(thr_out[r] >= low)) return -3;
+    }
+    return 0;
 }

@@ -220,6 +220,21 @@ for n, kc, gg in ((1000, 64, 4), (4133, 256, 8)):
     ex = torch.rand(3, 2, gg, kc, generator=g, dtype=torch.float64)
     out[n] = (native.select_top(3, n, n // 7, factors=(fa, fb, codes), extra=extra),
               native.select_top(3, n, n // 3, scores=scores), native.code_z(ex, codes))
+    e32 = torch.rand(3, 2, gg, kc, generator=g)
+    out[("topk_pq", n)] = native.topk_pq(ex, e32, codes, n // 7, extra, 1e-20, 1e-30)
+# the row loops (runs and scattered rows) and the lookup table: integer-valued inputs, so every build's sums are
+# exact and must agree bit for bit
+src = torch.randint(-3, 4, (3000, 128), generator=g).float()
+rows = torch.cat([torch.arange(0, 40), torch.randperm(2900, generator=g)[:300].sort().values + 50,
+                  torch.tensor([-1, -1]), torch.arange(2960, 3000)]).view(1, -1).expand(4, -1).contiguous()
+q = torch.randint(-2, 3, (4, 4, 128), generator=g).float()
+p = torch.randint(0, 3, (4, 4, rows.shape[1]), generator=g).float()
+out["gather"] = (native.gather_logits(q, src, rows, scale=0.5, fill=-1.0), native.gather_values(p, src, rows))
+out["lut"] = native.lut(torch.randint(-2, 3, (1, 2, 4, 128), generator=g).float(),
+                        torch.randint(-2, 3, (1, 2, 2, 256, 64), generator=g).float(), 0.5)
+raw = torch.randint(-6, 3, (2, 4, 500), generator=g).float()
+out["pick"] = native.rerank_pick(raw, torch.randn(2, 4, generator=g), torch.arange(1000).view(2, 500), 10 ** 6,
+                                 200, 250)
 torch.save(out, sys.argv[1])
 """
 
@@ -228,7 +243,8 @@ def test_portable_build_selects_the_same(tmp_path):
     """The portable build (PQPATCH_NATIVE_MARCH=0: scalar loops, no AVX-512) and this process's build give the
     same selections, thresholds and denominators on the same inputs (float32 table entries may differ in the last
     bit between builds, so the inputs are random floats and the comparison of positions is exact only because no
-    two distinct codes score within an ulp of the threshold; the denominators agree to float64 rounding)."""
+    two distinct codes score within an ulp of the threshold; the denominators agree to float64 rounding), and the
+    same row-loop, lookup-table and re-ranking results on integer-valued inputs (exact sums in any order)."""
     env = dict(os.environ, PQPATCH_NATIVE_MARCH="0", PQPATCH_CACHE_DIR=str(tmp_path))
     res = subprocess.run([sys.executable, "-c", _BUILDS, str(tmp_path / "portable.pt")], capture_output=True,
                          text=True, env=env, timeout=300)
@@ -237,12 +253,18 @@ def test_portable_build_selects_the_same(tmp_path):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     portable, here = torch.load(tmp_path / "portable.pt"), torch.load(tmp_path / "here.pt")
-    for n in portable:
+    for n in (1000, 4133):
         (pp, pt), (sp, st), pz = portable[n]
         (hp, ht), (sh, sth), hz = here[n]
         assert torch.equal(pp, hp) and torch.equal(sp, sh) and torch.equal(st, sth)
         torch.testing.assert_close(pt, ht, rtol=1e-6, atol=0)
         torch.testing.assert_close(pz, hz, rtol=1e-12, atol=0)
+        (tp, zp), (th, zh) = portable[("topk_pq", n)], here[("topk_pq", n)]
+        assert torch.equal(tp, th)
+        torch.testing.assert_close(zp, zh, rtol=1e-12, atol=0)
+    for key in ("gather", "lut", "pick"):  # exact sums: equal bits
+        for a, b in zip(portable[key], here[key]):
+            assert torch.equal(a, b), key
 
 
 @pytest.mark.parametrize("s,kk,k", [(1, 1, 1), (17, 5, 8), (97, 40, 40), (1000, 333, 400), (5000, 2500, 2500)])

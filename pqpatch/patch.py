@@ -125,6 +125,17 @@ def kv_head_offsets(mods: list[torch.nn.Module], head_dim: int) -> dict[int, int
     return out
 
 
+def _prepare_native(model: torch.nn.Module, config: PQCacheConfig) -> None:
+    """Build (or load from the cache) the native CPU kernels now, for a model whose decode steps will run the CPU
+    backend: the first build compiles C sources (~2 s), which must not land inside the first decode step (a
+    timed one, for a benchmark). A machine without a compiler logs why once and keeps the ATen path."""
+    param = next(model.parameters(), None)
+    if config.backend in ("auto", "cpu") and param is not None and param.device.type == "cpu":
+        from .kernels import native
+
+        native.available()
+
+
 def patch_model(model: torch.nn.Module, config: PQCacheConfig | None = None) -> torch.nn.Module:
     """Patch `model` in place for PQCache decoding and return it.
 
@@ -158,6 +169,7 @@ def patch_model(model: torch.nn.Module, config: PQCacheConfig | None = None) -> 
         )
     pq_layers = _full_attention_layers(text)
     offsets = kv_head_offsets(mods, head_dim)
+    _prepare_native(model, config)
 
     _register()
     from .attention import ATTN_NAME, cache_capture_hook

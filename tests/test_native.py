@@ -1,5 +1,5 @@
-"""The native CPU kernels (`kernels/native.py`, `kernels/csrc/pq_cpu.c`) against plain PyTorch on fresh random inputs,
-odd sizes included, and the fallback to the ATen path when they cannot be built.
+"""The native CPU kernels (`kernels/native.py`, `kernels/native_select.py`, `kernels/csrc/`) against plain PyTorch on
+fresh random inputs, odd sizes included, and the fallback to the ATen path when they cannot be built.
 
 The ops that use them (sparse attention, re-ranking, the shortlist) are also run through both paths by
 tests/test_kernels_cpu.py and tests/test_rerank_attention.py (`conftest.cpu_path`)."""
@@ -430,6 +430,29 @@ def test_compiled_library_is_cached_per_source(tmp_path):
         assert res.returncode == 0 and "available True" in res.stdout, res.stderr[-2000:]
     files = list((tmp_path / "native").iterdir())  # the one object, and no temporary file left behind
     assert len(files) == 1 and files[0].name.startswith("pq_cpu-") and files[0].suffix == ".so"
+
+
+_PATCH_BUILDS = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import pqpatch
+from conftest import tiny_model
+model = tiny_model("llama", layers=1, heads=4, kv_heads=2, head_dim=64)
+cache = os.path.join(os.environ["PQPATCH_CACHE_DIR"], "native")
+print("before", len(os.listdir(cache)) if os.path.isdir(cache) else 0)
+pqpatch.patch_model(model, pqpatch.PQCacheConfig())
+print("after", len(os.listdir(cache)))
+"""
+
+
+def test_patch_model_builds_the_kernels_before_the_first_step(tmp_path):
+    """The first build compiles C sources (~2 s): patch_model does it for a CPU model, so it never lands inside a
+    (timed) decode step."""
+    env = dict(os.environ, PQPATCH_CACHE_DIR=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", _PATCH_BUILDS, os.path.dirname(__file__)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "before 0" in res.stdout and "after 1" in res.stdout, res.stdout
 
 
 def test_patched_model_decodes_the_same_through_both_paths():

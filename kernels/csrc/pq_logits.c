@@ -1,6 +1,7 @@
-/* Native CPU kernels of pqpatch's decode step: the logits of listed rows (sparse attention, re-ranking) and the lookup table
- * (loaded through ctypes by kernels/native.py; plain C, no headers beyond the C library and the compiler's, so the
- * three sources compile in about a second with the system compiler and need no torch headers).
+/* Native CPU kernels of pqpatch's decode step: the logits of listed rows (sparse attention, re-ranking) and the
+ * lookup table. Loaded through ctypes by kernels/native.py, which compiles the four sources (pq_logits.c,
+ * pq_values.c, pq_select.c, pq_codes.c) into one shared object: plain C, no headers beyond the C library and the
+ * compiler's, so they build in ~2 s with the system compiler and need no torch headers.
  *
  * Why native: a sparse decode step reads a few thousand scattered K/V rows (256-512 bytes) per KV head. Through
  * ATen that is index_select (a copy) then a matmul; the copy is latency bound (the hardware prefetchers do not
@@ -23,6 +24,7 @@
 
 int pq_has_dtype(int dtype) { return has_dtype(dtype); }
 
+/* the logits of entries [s0, s1) of one list, one row at a time (inlined with runtime or constant shapes) */
 static inline __attribute__((always_inline)) void logits_span(const span_t *a, int64_t g, int64_t d, int64_t s0,
                                                              int64_t s1) {
     /* the fields in locals: the loop stores floats, and reloading the fields after each store measured slower */
@@ -64,8 +66,8 @@ static __attribute__((noinline)) void logits_run(const span_t *a, int64_t d, int
     logits_span(a, a->g, d, s0, s1);
 }
 
-/* ot[h, :] += sum_u w[h][u] * v_u over 4 rows and the w_count <= 8 heads: each output chunk is loaded and stored
- * once per 4 rows (row by row, the output traffic of 2 x G x Dv floats per row bounds a contiguous run). */
+/* logits[t, g, s] = scale * (q[t, g] . src[rows[t, s]]); `fill` where rows[t, s] < 0. logits rows are ld floats
+ * apart (ld >= s_count: the caller's buffer may hold more slots after these). Returns 0, or -1 for a bad argument. */
 int pq_gather_logits(const float *q, const void *src, int dtype, const int64_t *rows, int64_t t_count,
                      int64_t g_count, int64_t s_count, int64_t d, float *logits, int64_t ld, float scale,
                      float fill) {
@@ -78,9 +80,6 @@ int pq_gather_logits(const float *q, const void *src, int dtype, const int64_t *
     return 0;
 }
 
-/* out[t, g, :] += sum_s p[t, g, s] * src[rows[t, s]]; entries with rows[t, s] < 0 are skipped (not read; their
- * weight is ignored). A weight of exactly 0 adds nothing (up to a row holding inf or NaN, which a contiguous run
- * multiplies by 0 as the reference's matmul does). Returns 0, or -1 for a bad argument. */
 /* ---- the lookup table of a decode step (cpu_select.pq_lut) -----------------------------------------------------
  * lut[r, mm, g, c] = scaling * (q[r, g, mm * Ds : (mm + 1) * Ds] . cent[r, mm, c, :]) for rows r (B * Hkv), sub-
  * spaces mm < m, query heads g < G, centroids c < K. Per centroid row the G dots share its loads (`row_dots`); the

@@ -37,6 +37,7 @@ typedef struct {
 
 typedef void (*span_fn)(const span_t *, int64_t, int64_t, int64_t);
 
+/* end of the run of consecutive rows starting at s (a skipped entry is a run of its own) */
 static inline int64_t run_end(const int64_t *r, int64_t s, int64_t n) {
     int64_t j = s + 1;
     if (r[s] < 0) return j;
@@ -61,6 +62,4 @@ static inline void for_spans(const span_t *a, int64_t d, span_fn scattered, span
     }
 }
 
-/* logits[t, g, s] = scale * (q[t, g] . src[rows[t, s]]); `fill` where rows[t, s] < 0. logits rows are ld floats
- * apart (ld >= s_count: the caller's buffer may hold more slots after these). Returns 0, or -1 for a bad argument. */
 #endif

@@ -2,6 +2,8 @@
  * and the span machinery: pq_logits.c, pq_rows.h. */
 #include "pq_rows.h"
 
+/* ot[h, :] += sum_u w[h][u] * v_u over 4 rows and the w_count <= 8 heads: each output chunk is loaded and stored
+ * once per 4 rows (row by row, the output traffic of 2 x G x Dv floats per row bounds a contiguous run). */
 static inline __attribute__((always_inline)) void rows4_axpy(const float *const v[4], const float wt[8][4],
                                                             int64_t dv, int64_t w_count, float *restrict ot) {
     const float *restrict v0 = v[0], *restrict v1 = v[1], *restrict v2 = v[2], *restrict v3 = v[3];
@@ -80,7 +82,9 @@ static __attribute__((noinline)) void values_scattered(const span_t *a, int64_t 
     }
 }
 
-/* end of the run of consecutive rows starting at s (a skipped entry is a run of its own) */
+/* out[t, g, :] += sum_s p[t, g, s] * src[rows[t, s]]; entries with rows[t, s] < 0 are skipped (not read; their
+ * weight is ignored). A weight of exactly 0 adds nothing (up to a row holding inf or NaN, which a contiguous run
+ * multiplies by 0 as the reference's matmul does). Returns 0, or -1 for a bad argument. */
 int pq_gather_values(const float *p, const void *src, int dtype, const int64_t *rows, int64_t t_count,
                      int64_t g_count, int64_t s_count, int64_t dv, float *out) {
     if (!has_dtype(dtype) || dv <= 0 || dv > MAX_DIM || g_count <= 0) return -1;

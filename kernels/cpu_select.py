@@ -281,7 +281,7 @@ def pq_lut(query: torch.Tensor, centroids: torch.Tensor, scaling: float) -> torc
     kernels, `native.lut` (the same products, summed in another order)."""
     b, h, g, _ = query.shape
     m, kc, ds = centroids.shape[2:]
-    if native.available():  # one small loop: no library dispatch, which costs most of a bmm this size when cold
+    if native.available() and ds <= 1024:  # one small loop: no library dispatch (most of a bmm this size, cold)
         return native.lut(query, centroids, scaling)
     q = query.float().reshape(b * h, g, m, ds).transpose(1, 2).reshape(b * h * m, g, ds)
     c = centroids.float().reshape(b * h * m, kc, ds)

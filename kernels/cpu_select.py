@@ -18,12 +18,12 @@ Why it is fast (m = 2 sub-spaces, b bits, K = 2**b centroids, n candidate tokens
     costs O(K^2) instead of O(n).
   * The selected set is emitted with one pass over the mask in position order (`cpu_np.row_positions`), which
     also gives the sparse attention ascending (cache-friendly) row indices.
-With the native kernels (`native.py`; the default where a C compiler works) the selection itself is one kernel
-call per sequence (`native.select_top`): each head's code table is built from the two factor tables (256 KB for
-b = 8, L2-resident), every token's score is read from it through its codes, and a radix select on the scores' bits
-plus one emitting pass give the same rule; the denominators Z come from one pass over the codes
-(`log_partition.sequence_z`, shared with the log-partition), not from the histogram. The weighted search over the
-code table and numpy's partition are the ATen fallback.
+With the native kernels (`native.py`; the default where a C compiler works) the whole selection of a sequence is
+one kernel call (`select_fused` -> `native.topk_pq`): the denominators Z from one pass over the codes (the bits of
+`log_partition.sequence_z`, shared with the log-partition), not from the histogram; each head's code table built
+from the two factor tables (256 KB for b = 8, L2-resident); every token's score read from it through its codes; a
+radix select on the scores' bits plus one emitting pass, the same rule. The lookup table is `native.lut`. The
+weighted search over the code table and numpy's partition are the ATen fallback.
 m = 1 uses the same code-domain path; other m, and short candidate lists whose code table would be larger than 2 G n
 entries (b = 8 below ~8K tokens), score per token (the reference's arithmetic). Ties: every token
 scoring strictly above the k-th selected score is selected; among equal scores the earliest positions are taken.
@@ -179,7 +179,9 @@ def select_fused(lut: torch.Tensor, codes: torch.Tensor, kk: int, extra: torch.T
     codes: [Hkv, n, m] uint8 with unit stride in m; 0 < kk < n; extra as `_select`; ex: the lut's
     `log_z_factors` [Hkv, m, G, K] float64 when the caller has them. Returns (pos [Hkv, kk (+ X)] int64, z [Hkv, G]
     float64: the softmax denominators, for the log-partition), or None where float32 factors lose range (a
-    denominator below _TINY32 or a threshold below _LOW32: the caller takes the float64 table)."""
+    denominator below _TINY32 or a threshold below _LOW32) or G > 256: the caller takes the float64 table."""
+    if lut.shape[2] > 256:  # more query heads per KV head than the kernel's scratch: the float64 table route
+        return None
     if ex is None:
         from .log_partition import log_z_factors  # (that module imports this one)
 

@@ -11,7 +11,8 @@ torch headers nor a build step at install time. The shared object is cached unde
 several processes). ctypes releases the GIL during a call, so the k-means pool keeps running beside a decode step.
 
 Fallback: without a working compiler (or with `PQPATCH_NATIVE=0`) `available()` is False, the reason is logged once
-and kept in `unavailable_reason`, and the CPU backend runs its ATen path (same results, slower).
+and kept in `unavailable_reason`, and the CPU backend runs its ATen path (the same rule, slower; float sums in
+another order, so a near-tie may fall the other way).
 
 Builds: with `-march=native` where the compiler takes it, else portable. The selection loops have AVX-512 forms
 (`has_avx512()`); `PQPATCH_NATIVE_MARCH=0` forces the portable build (scalar loops), which the tests use to check
@@ -100,7 +101,7 @@ def _load() -> ctypes.CDLL | None:
             unavailable_reason = f"native CPU kernels could not be loaded: {e}"
         _tried = True
         if _lib is None:
-            _log.warning("%s; the CPU backend runs its ATen path (same results, slower)", unavailable_reason)
+            _log.warning("%s; the CPU backend runs its ATen path (the same rule, slower)", unavailable_reason)
     return _lib
 
 
@@ -216,9 +217,9 @@ def gather_logits(q: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, scale:
     _check(q.shape[2] == src.shape[1], f"q has D = {q.shape[2]} but src rows have {src.shape[1]}")
     if out is None:
         out = torch.empty(t, g, s)
-    _check(out.dtype == torch.float32 and out.is_contiguous() and out.dim() == 3
+    _check(out.dtype == torch.float32 and out.is_contiguous() and out.dim() == 3 and out.device.type == "cpu"
            and tuple(out.shape[:2]) == (t, g) and out.shape[2] >= s,
-           f"out must be contiguous float32 [{t}, {g}, >= {s}], got {out.dtype} {tuple(out.shape)}")
+           f"out must be contiguous float32 [{t}, {g}, >= {s}] on CPU, got {out.dtype} {tuple(out.shape)}")
     rc = _load().pq_gather_logits(q.data_ptr(), src.data_ptr(), _DTYPES[src.dtype], rows.data_ptr(), t, g, s,
                                   src.shape[1], out.data_ptr(), out.shape[2], scale, fill)
     _check(rc == 0, "pq_gather_logits rejected its arguments")
@@ -234,8 +235,9 @@ def gather_values(p: torch.Tensor, src: torch.Tensor, rows: torch.Tensor, out: t
     dv = src.shape[1]
     if out is None:
         out = torch.zeros(t, g, dv)
-    _check(out.dtype == torch.float32 and out.is_contiguous() and tuple(out.shape) == (t, g, dv),
-           f"out must be contiguous float32 [{t}, {g}, {dv}], got {out.dtype} {tuple(out.shape)}")
+    _check(out.dtype == torch.float32 and out.is_contiguous() and tuple(out.shape) == (t, g, dv)
+           and out.device.type == "cpu",
+           f"out must be contiguous float32 [{t}, {g}, {dv}] on CPU, got {out.dtype} {tuple(out.shape)}")
     rc = _load().pq_gather_values(p.data_ptr(), src.data_ptr(), _DTYPES[src.dtype], rows.data_ptr(), t, g, s, dv,
                                   out.data_ptr())
     _check(rc == 0, "pq_gather_values rejected its arguments")

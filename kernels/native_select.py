@@ -1,5 +1,5 @@
 """Launchers of the native selection kernels (`csrc/pq_select.c`, `csrc/pq_codes.c`, the lookup table of
-`csrc/pq_rows.c`): shape, dtype and device checks, per-thread scratch, and the translation of the kernels' return
+`csrc/pq_logits.c`): shape, dtype and device checks, per-thread scratch, and the translation of the kernels' return
 codes into clear errors (or None where the caller has a fallback). Loaded and re-exported by `native.py`; callers
 use `native.select_top` etc. Every tensor's shape is in its function's docstring.
 """
@@ -18,7 +18,7 @@ _local = threading.local()
 
 
 def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-thread scratch of `pq_select_top` for n scores: two [n] int32 buffers and an [n] zeroed byte flag array
+    """Per-thread scratch of the radix select (`pq_select_top`, `pq_topk_pq`, `pq_rerank_pick`) for n scores: two [n] int32 buffers and an [n] zeroed byte flag array
     (the kernel leaves it zeroed), reused across calls."""
     buf = getattr(_local, "select", None)
     if buf is None or buf[0].numel() < n:
@@ -52,8 +52,9 @@ def select_top(rows: int, n: int, kk: int, scores: torch.Tensor | None = None,
     _check(0 < kk <= n, f"need 0 < kk <= n, got kk = {kk}, n = {n}")
     x = 0
     if extra is not None:
-        _check(extra.dtype == torch.int64 and extra.dim() == 2 and extra.shape[0] == rows,
-               f"extra must be int64 [{rows}, X], got {extra.dtype} {tuple(extra.shape)}")
+        _check(extra.dtype == torch.int64 and extra.dim() == 2 and extra.shape[0] == rows
+               and extra.device.type == "cpu", f"extra must be int64 [{rows}, X] on CPU, got {extra.dtype} "
+               f"{tuple(extra.shape)} on {extra.device}")
         extra = extra.contiguous()
         x = extra.shape[1]
     out = torch.empty(rows, kk + x, dtype=torch.int64)
@@ -130,10 +131,10 @@ def rerank_pick(raw: torch.Tensor, log_z: torch.Tensor, ix: torch.Tensor, n: int
     _check(raw.dtype == torch.float32 and raw.dim() == 3 and raw.is_contiguous() and raw.device.type == "cpu",
            f"raw must be contiguous float32 [T, G, S] on CPU, got {raw.dtype} {tuple(raw.shape)}")
     t, g, s = raw.shape
-    _check(tuple(log_z.shape) == (t, g) and log_z.dtype == torch.float32,
-           f"log_z must be float32 [{t}, {g}], got {log_z.dtype} {tuple(log_z.shape)}")
-    _check(tuple(ix.shape) == (t, s) and ix.dtype == torch.int64 and ix.is_contiguous(),
-           f"ix must be contiguous int64 [{t}, {s}], got {ix.dtype} {tuple(ix.shape)}")
+    _check(tuple(log_z.shape) == (t, g) and log_z.dtype == torch.float32 and log_z.device.type == "cpu",
+           f"log_z must be float32 [{t}, {g}] on CPU, got {log_z.dtype} {tuple(log_z.shape)} on {log_z.device}")
+    _check(tuple(ix.shape) == (t, s) and ix.dtype == torch.int64 and ix.is_contiguous() and ix.device.type == "cpu",
+           f"ix must be contiguous int64 [{t}, {s}] on CPU, got {ix.dtype} {tuple(ix.shape)} on {ix.device}")
     _check(0 < kk <= min(s, k), f"need 0 < kk <= min(S, k), got kk = {kk}, S = {s}, k = {k}")
     lib = _load()
     lz = torch.where(torch.isfinite(log_z), log_z, 0.0).contiguous()
@@ -161,11 +162,14 @@ def topk_pq(ex: torch.Tensor, e32: torch.Tensor, codes: torch.Tensor, kk: int, e
     K) in float32; codes: [rows, n, m] uint8, unit stride in m; 0 < kk <= n; extra: optional [rows, X] int64.
     Returns (pos [rows, kk + X] int64 as `select_top`, z [rows, G] float64), or None when a denominator is <= tiny
     or a threshold < low in float32 (the caller redoes the selection with float64 factors)."""
+    _check(ex.dim() == 4 and ex.dtype == torch.float64 and ex.is_contiguous() and ex.device.type == "cpu"
+           and ex.shape[1] in (1, 2) and 1 <= ex.shape[3] <= 256 and 1 <= ex.shape[2] <= 256,
+           f"ex must be contiguous float64 [rows, m <= 2, G <= 256, K <= 256] on CPU, got {ex.dtype} "
+           f"{tuple(ex.shape)} on {ex.device}")
     rows, m, g, kc = ex.shape
-    _check(ex.dtype == torch.float64 and ex.is_contiguous() and m in (1, 2) and kc <= 256 and g <= 256,
-           f"ex must be contiguous float64 [rows, m <= 2, G, K <= 256], got {ex.dtype} {tuple(ex.shape)}")
-    _check(e32.dtype == torch.float32 and e32.is_contiguous() and e32.shape == ex.shape,
-           f"e32 must be contiguous float32 {tuple(ex.shape)}, got {e32.dtype} {tuple(e32.shape)}")
+    _check(e32.dtype == torch.float32 and e32.is_contiguous() and e32.shape == ex.shape and e32.device.type == "cpu",
+           f"e32 must be contiguous float32 {tuple(ex.shape)} on CPU, got {e32.dtype} {tuple(e32.shape)} on "
+           f"{e32.device}")
     _check(codes.dtype == torch.uint8 and codes.dim() == 3 and codes.shape[0] == rows and codes.shape[2] == m
            and codes.stride(2) == 1 and codes.device.type == "cpu",
            f"codes must be uint8 [{rows}, n, {m}] on CPU with unit stride in m, got {codes.dtype} {tuple(codes.shape)}")
@@ -173,8 +177,9 @@ def topk_pq(ex: torch.Tensor, e32: torch.Tensor, codes: torch.Tensor, kk: int, e
     _check(0 < kk <= n, f"need 0 < kk <= n, got kk = {kk}, n = {n}")
     x = 0
     if extra is not None:
-        _check(extra.dtype == torch.int64 and extra.dim() == 2 and extra.shape[0] == rows,
-               f"extra must be int64 [{rows}, X], got {extra.dtype} {tuple(extra.shape)}")
+        _check(extra.dtype == torch.int64 and extra.dim() == 2 and extra.shape[0] == rows
+               and extra.device.type == "cpu", f"extra must be int64 [{rows}, X] on CPU, got {extra.dtype} "
+               f"{tuple(extra.shape)} on {extra.device}")
         extra = extra.contiguous()
         x = extra.shape[1]
     out = torch.empty(rows, kk + x, dtype=torch.int64)
@@ -196,7 +201,7 @@ def topk_pq(ex: torch.Tensor, e32: torch.Tensor, codes: torch.Tensor, kk: int, e
 
 
 def lut(query: torch.Tensor, centroids: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The PQ lookup table (`pq_lut` in pq_rows.c): [B, Hkv, m, G, K] float32, scaling * (query sub-vector .
+    """The PQ lookup table (`pq_lut` in pq_logits.c): [B, Hkv, m, G, K] float32, scaling * (query sub-vector .
     centroid). query: [B, Hkv, G, D]; centroids: [B, Hkv, m, K, Ds] (m * Ds = D), both on CPU (read as float32)."""
     b, h, g, d = query.shape
     m, kc, ds = centroids.shape[2:]

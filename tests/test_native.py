@@ -351,6 +351,27 @@ def test_lut_matches_torch(m, ds, g, kc, dtype):
     torch.testing.assert_close(native.lut(q, c, 0.3).double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_launchers_reject_tensors_off_the_cpu():
+    """A tensor the C code cannot read (here on the meta device: no data) is a clear ValueError, never a pointer
+    handed to the kernel."""
+    ex, e32 = torch.rand(2, 2, 4, 16, dtype=torch.float64), torch.rand(2, 2, 4, 16)
+    codes = torch.randint(0, 16, (2, 50, 2), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="on CPU"):
+        native.topk_pq(ex.to("meta"), e32, codes, 5, None, 1e-20, 1e-30)
+    with pytest.raises(ValueError, match="on CPU"):
+        native.topk_pq(ex, e32.to("meta"), codes, 5, None, 1e-20, 1e-30)
+    with pytest.raises(ValueError, match="on CPU"):
+        native.topk_pq(ex, e32, codes, 5, torch.zeros(2, 3, dtype=torch.int64, device="meta"), 1e-20, 1e-30)
+    raw, lz, ix = torch.rand(2, 4, 30), torch.rand(2, 4), torch.arange(60).view(2, 30)
+    with pytest.raises(ValueError, match="on CPU"):
+        native.rerank_pick(raw, lz, ix.to("meta"), 100, 5, 5)
+    with pytest.raises(ValueError, match="on CPU"):
+        native.rerank_pick(raw, lz.to("meta"), ix, 100, 5, 5)
+    q, src, rows = torch.randn(2, 1, 8), torch.randn(10, 8), torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="on CPU"):
+        native.gather_logits(q, src, rows, out=torch.empty(2, 1, 3, device="meta"))
+
+
 def test_select_top_rejects_nan_and_bad_arguments():
     s = torch.rand(2, 10)
     s[1, 3] = float("nan")

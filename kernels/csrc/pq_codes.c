@@ -21,7 +21,7 @@ static void build_table(const float *restrict a, const float *restrict b, int64_
                 for (int64_t l = 0; l < 16; l++) acc[l] += ar[j] * b[j * kc + c0 + l];
             for (int64_t l = 0; l < 16; l++) t[c0 + l] = acc[l];
         }
-        for (; c0 < kc; c0++) {  /* K < 16 (b <= 3) */
+        for (; c0 < kc; c0++) {  /* the last K % 16 entries (all of them for K < 16) */
             float acc = 0.0f;
             for (int64_t j = 0; j < g; j++) acc += ar[j] * b[j * kc + c0];
             t[c0] = acc;

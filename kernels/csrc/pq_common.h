@@ -1,5 +1,5 @@
-/* Shared helpers of the native CPU kernels (pq_rows.c, pq_select.c, pq_codes.c; compiled together into one shared
- * object by kernels/native.py). Plain C: no headers beyond the C library and the compiler's intrinsics. */
+/* Shared helpers of the native CPU kernels (pq_logits.c, pq_values.c, pq_select.c, pq_codes.c; compiled together
+ * into one shared object by kernels/native.py). Plain C: no headers beyond the C library and the compiler's intrinsics. */
 #ifndef PQ_COMMON_H
 #define PQ_COMMON_H
 #include <stdint.h>

@@ -144,7 +144,7 @@ int pq_select_top(const float *scores, int64_t rows, int64_t n, int64_t kk, cons
  * largest raw - lz (the per-head log-partitions lz are finite here: the caller replaced infinities by 0). The exp
  * stays in torch (`exp_`: the same bits as the ATen path); these two kernels replace the ~10 ATen passes around it
  * (copy, subtractions, max, group sum, masks, gathers: ~1 ms per layer at 8 x 6820 entries).
- * pq_rerank_prep: ws[t, g, s] = raw[t, g, s] - lz[t, g] - mx[t] (mx = 0 for a row with no finite entry). */
+ * pq_rerank_prep: ws[t, g, s] = raw[t, g, s] - lz[t, g] - mx[t] (mx = 0 where that maximum is not finite). */
 int pq_rerank_prep(const float *raw, const float *lz, int64_t t_count, int64_t g, int64_t s_count, float *ws) {
     if (g <= 0 || s_count <= 0) return -1;
     for (int64_t t = 0; t < t_count; t++) {

@@ -36,6 +36,21 @@ def _table() -> torch.Tensor:
     return buf
 
 
+def _selection_outputs(rows: int, n: int, kk: int, extra: torch.Tensor | None
+                       ) -> tuple[torch.Tensor | None, int, torch.Tensor, torch.Tensor]:
+    """Checks shared by the radix-select launchers, and their outputs: (extra contiguous or None, X, pos
+    [rows, kk + X] int64, thr [rows] float32), both uninitialised."""
+    _check(0 < kk <= n, f"need 0 < kk <= n, got kk = {kk}, n = {n}")
+    x = 0
+    if extra is not None:
+        _check(extra.dtype == torch.int64 and extra.dim() == 2 and extra.shape[0] == rows
+               and extra.device.type == "cpu", f"extra must be int64 [{rows}, X] on CPU, got {extra.dtype} "
+               f"{tuple(extra.shape)} on {extra.device}")
+        extra = extra.contiguous()
+        x = extra.shape[1]
+    return extra, x, torch.empty(rows, kk + x, dtype=torch.int64), torch.empty(rows, dtype=torch.float32)
+
+
 def select_top(rows: int, n: int, kk: int, scores: torch.Tensor | None = None,
                factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,16 +64,7 @@ def select_top(rows: int, n: int, kk: int, scores: torch.Tensor | None = None,
     row's selected positions ascending, then -1; thr [rows] float32: each row's kk-th largest score). Raises
     RuntimeError for a NaN or negative score (the ATen path's count of selected tokens then goes wrong too).
     """
-    _check(0 < kk <= n, f"need 0 < kk <= n, got kk = {kk}, n = {n}")
-    x = 0
-    if extra is not None:
-        _check(extra.dtype == torch.int64 and extra.dim() == 2 and extra.shape[0] == rows
-               and extra.device.type == "cpu", f"extra must be int64 [{rows}, X] on CPU, got {extra.dtype} "
-               f"{tuple(extra.shape)} on {extra.device}")
-        extra = extra.contiguous()
-        x = extra.shape[1]
-    out = torch.empty(rows, kk + x, dtype=torch.int64)
-    thr = torch.empty(rows, dtype=torch.float32)
+    extra, x, out, thr = _selection_outputs(rows, n, kk, extra)
     work, cand, flag = _scratch(n)
     tail = (None if extra is None else extra.data_ptr(), x, out.data_ptr(), thr.data_ptr(), work.data_ptr(),
             cand.data_ptr(), flag.data_ptr())
@@ -174,16 +180,7 @@ def topk_pq(ex: torch.Tensor, e32: torch.Tensor, codes: torch.Tensor, kk: int, e
            and codes.stride(2) == 1 and codes.device.type == "cpu",
            f"codes must be uint8 [{rows}, n, {m}] on CPU with unit stride in m, got {codes.dtype} {tuple(codes.shape)}")
     n = codes.shape[1]
-    _check(0 < kk <= n, f"need 0 < kk <= n, got kk = {kk}, n = {n}")
-    x = 0
-    if extra is not None:
-        _check(extra.dtype == torch.int64 and extra.dim() == 2 and extra.shape[0] == rows
-               and extra.device.type == "cpu", f"extra must be int64 [{rows}, X] on CPU, got {extra.dtype} "
-               f"{tuple(extra.shape)} on {extra.device}")
-        extra = extra.contiguous()
-        x = extra.shape[1]
-    out = torch.empty(rows, kk + x, dtype=torch.int64)
-    thr = torch.empty(rows, dtype=torch.float32)
+    extra, x, out, thr = _selection_outputs(rows, n, kk, extra)
     z = torch.empty(rows, g, dtype=torch.float64)
     work, cand, flag = _scratch(n)
     scratch = torch.empty(4 * 256 * g, dtype=torch.float64)

@@ -18,8 +18,8 @@ _local = threading.local()
 
 
 def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-thread scratch of the radix select (`pq_select_top`, `pq_topk_pq`, `pq_rerank_pick`) for n scores: two [n] int32 buffers and an [n] zeroed byte flag array
-    (the kernel leaves it zeroed), reused across calls."""
+    """Per-thread scratch of the radix select (`pq_select_top`, `pq_topk_pq`, `pq_rerank_pick`) for n scores: two
+    [n] int32 buffers and an [n] zeroed byte flag array (the kernel leaves it zeroed), reused across calls."""
     buf = getattr(_local, "select", None)
     if buf is None or buf[0].numel() < n:
         buf = _local.select = (torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32),
@@ -28,8 +28,8 @@ def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _table() -> torch.Tensor:
-    """Per-thread float32 scratch for one row's code table (`pq_select_top_pq`: 256 x 256 entries, so that any
-    pair of code bytes indexes inside it), reused across calls."""
+    """Per-thread float32 scratch for one row's code table (`pq_select_top_pq`, `pq_topk_pq`: 256 x 256 entries, so
+    that any pair of code bytes indexes inside it), reused across calls."""
     buf = getattr(_local, "table", None)
     if buf is None:
         buf = _local.table = torch.empty(256 * 256)

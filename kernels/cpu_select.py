@@ -115,34 +115,23 @@ def uses_code_table(m: int, kc: int, g: int, n: int) -> bool:
 
 
 def _select(lut: torch.Tensor, codes: torch.Tensor, kk: int, hist: JointCodes | None = None,
-            extra: torch.Tensor | None = None, z: torch.Tensor | None = None) -> torch.Tensor:
+            extra: torch.Tensor | None = None, fused: bool = True) -> torch.Tensor:
     """lut: [Hkv, m, G, K] float32; codes: [Hkv, n, m] uint8; 0 < kk < n. Returns [Hkv, kk] int64 (0-based).
     hist: the codes' `joint_codes`, when the caller already built it (`cpu_shortlist`); None builds it here if the
     code table is used. extra: optional [Hkv, X] int64 positions in [0, n) (-1 = none) joined to the selection
-    (`_emit`): then [Hkv, kk + X], ascending, -1 after. z: optional [Hkv, G] float64 softmax denominators of these
-    candidates (`log_partition.sequence_z`), reused by the native path."""
+    (`_emit`): then [Hkv, kk + X], ascending, -1 after. fused=False: the caller already tried `select_fused` on
+    these inputs (it found float32's range too small), so the float64 table is next."""
     h, m, g, kc = lut.shape
     n = codes.shape[1]
     use_table = uses_code_table(m, kc, g, n)
-    fast = use_table and native.available()
-    if fast and z is None and codes.stride(2) == 1:
-        # the whole selection in one native call (`select_fused`); None: float32 lost range, the float64 table below
+    fast = use_table and native.available() and codes.stride(2) == 1
+    if fast and fused:
+        # the whole selection in one native call; None: float32 lost range, the float64 table below (the native
+        # call scores every token through its head's code table whatever the table's size, so the float32 table
+        # route below is the ATen path's only)
         found = select_fused(lut, codes, kk, extra)
         if found is not None:
             return found[0]
-    elif fast:
-        # the native kernel scores every token from its codes through the head's code table (built in the kernel
-        # from two factor tables; L1/L2-resident) and radix-selects: per-token work is cheap there, so this also
-        # replaces the weighted search over the code table below, whatever the table's size
-        if z is None:  # the denominators as `pq_shortlist_cpu` computes them (float64), so both select alike
-            from .log_partition import log_z_factors, sequence_z  # (that module imports this one)
-
-            z = sequence_z(log_z_factors(lut[None])[0][0], codes, hist)
-        found = _code_scores(lut, codes, factors=True, z=z)
-        if found is not None:
-            pos = _select_native(h, n, kk, _LOW32, extra, factors=(*found[0], codes))
-            if pos is not None:
-                return pos
     if use_table and hist is None:
         hist = joint_codes(codes, kc)
     if not fast and use_table and (256 if m == 2 else 1) * kc >= n:  # more codes than tokens: a float32 table
@@ -252,7 +241,7 @@ def _select_tokens(scores: torch.Tensor, kk: int, min_thr: float | None = None,
     """
     h, n = scores.shape
     if scores.dtype == torch.float32 and native.available():
-        return _select_native(h, n, kk, min_thr, extra, scores=scores.contiguous())
+        return _select_native(h, n, kk, min_thr, extra, scores.contiguous())
     thr = kth_largest(scores, kk)  # [Hkv, 1]
     if min_thr is not None and not bool((thr >= min_thr).all()):
         return None  # the caller recomputes the scores with more range
@@ -265,12 +254,11 @@ def _select_tokens(scores: torch.Tensor, kk: int, min_thr: float | None = None,
 
 
 def _select_native(h: int, n: int, kk: int, min_thr: float | None, extra: torch.Tensor | None,
-                   **src: torch.Tensor) -> torch.Tensor | None:
+                   scores: torch.Tensor) -> torch.Tensor | None:
     """`_select_tokens` through the native kernel (`native.select_top`: a radix select on the scores' bits and one
-    emitting pass, the same rule): src is scores=[Hkv, n] float32, or factors=(fa, fb, codes) (each token's score
-    from its codes and the two factor tables of `_code_scores`, so the [Hkv, n] scores are never written). None
-    when a threshold is below min_thr (as `_select_tokens`)."""
-    pos, thr = native.select_top(h, n, kk, extra=extra, **src)
+    emitting pass, the same rule) on scores [Hkv, n] float32. None when a threshold is below min_thr (as
+    `_select_tokens`)."""
+    pos, thr = native.select_top(h, n, kk, scores, extra=extra)
     if min_thr is not None and not bool((thr >= min_thr).all()):
         return None
     return pos
@@ -346,21 +334,16 @@ def joint_codes(codes: torch.Tensor, kc: int) -> JointCodes:
     return JointCodes(joint.view(-1), raw.view(h, rows, width), kc)
 
 
-def _code_scores(lut: torch.Tensor, codes: torch.Tensor, wide: bool = False, hist: JointCodes | None = None,
-                 factors: bool = False, z: torch.Tensor | None = None):
+def _code_scores(lut: torch.Tensor, codes: torch.Tensor, wide: bool = False, hist: JointCodes | None = None):
     """Group score of every joint code (m = 1 or 2), or None if a softmax denominator underflows.
 
     lut: [Hkv, m, G, K] float32 (scaled); codes: [Hkv, n, m] uint8; hist: their `joint_codes` (None: built here).
     Returns (scores [Hkv, R, K] float32, counts [Hkv, R, K] candidates per code (float64 if wide else float32),
     joint [Hkv * n] int32, width): R = K rows (c1) for m = 2, 1 for m = 1; `hist.spread` lays a code table out
-    like the joint codes' bins. factors=True returns, in place of the scores, the pair (fa [H, R, G], fb [H, G, K])
-    float32 whose products summed over G are the scores (`native.select_top` builds the table per head).
+    like the joint codes' bins. (`native.topk_pq` computes the same float32 factors and table in one kernel.)
     wide=False computes the factors in float32 (half the memory traffic of float64, and no conversions): exact
     enough while the denominators stay far from underflow (checked: None is returned below _TINY32, and the
     caller re-runs wide=True); wide=True keeps float64's range for very peaked queries.
-    z: with factors=True, the denominators [H, G] float64 already computed from the same maxima
-    (`log_partition.sequence_z`): then neither the counts nor a matmul are needed, and counts and joint come back
-    as None.
     """
     h, m, g, kc = lut.shape
     dt = torch.float64 if wide else torch.float32
@@ -368,18 +351,12 @@ def _code_scores(lut: torch.Tensor, codes: torch.Tensor, wide: bool = False, his
     e = (lut - lut.amax(dim=-1, keepdim=True)).to(dt).exp_()  # [H, m, G, K]
     e0 = e[:, 0]  # [H, G, K]: factor of c0
     e1 = e[:, 1].transpose(1, 2) if m == 2 else e.new_ones(h, 1, g)  # [H, R, G]: factor of c1
-    if factors and z is not None:
-        counts = None
-        z = z.to(dt)
-    else:
-        if hist is None:
-            hist = joint_codes(codes, kc)
-        counts = hist.counts(dt)
-        z = (torch.bmm(counts, e0.transpose(1, 2)) * e1).sum(dim=1)  # [H, G]: sum_n p_g(n) before normalising
+    if hist is None:
+        hist = joint_codes(codes, kc)
+    counts = hist.counts(dt)
+    z = (torch.bmm(counts, e0.transpose(1, 2)) * e1).sum(dim=1)  # [H, G]: sum_n p_g(n) before normalising
     if not bool((z > (_TINY if wide else _TINY32)).all()):
         return None
-    if factors:  # the two factors of the table, for `native.select_top`: fa [H, R, G], fb [H, G, K]
-        return ((e1 / z[:, None, :]).float().contiguous(), e0.float().contiguous()), counts, None, None
     scores = torch.bmm(e1 / z[:, None, :], e0).float()  # [H, R, K]: sum_g e1 e0 / Z_g
     return scores, counts, hist.joint, hist.width
 

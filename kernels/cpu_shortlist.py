@@ -9,8 +9,8 @@ histogram (and the lookup table) was built twice per step; here it is built once
 
 With the native kernels (`native.py`) that per-token work is one pass summing each token's factors by its codes
 (`native.code_z`, through `log_partition.sequence_z`): no histogram is built, and the denominators it gives are
-also the top-k's (`cpu_select._select(z=...)`). Where the top-k scores through the code table, the denominators
-and the selection are one native call per sequence (`cpu_select.select_fused`), with the same bits.
+also the top-k's: where the top-k scores through the code table, the denominators and the selection are one native
+call per sequence (`cpu_select.select_fused`), with the bits of `sequence_z`.
 
 Equality with the separate ops: the same functions run on the same table and the same counts, so the indices equal
 `pq_topk_cpu`'s and log_z equals `log_partition_cpu`'s bit for bit (tests/test_pq_shortlist.py checks both). Where
@@ -87,7 +87,9 @@ def pq_shortlist_cpu(query: torch.Tensor, centroids: torch.Tensor, codes: torch.
                 pos = _emit(torch.zeros(h, e - a, dtype=torch.bool), 0, extra)
                 out[bi, :, :x] = torch.where(pos >= 0, pos + a, -1)
             continue
-        pos = _select(lut[bi], c, kb, hist, extra, z=z)  # [Hkv, kb (+ X)] relative positions, -1 after
+        # reached only where select_fused was tried and lost float32's range, or does not apply (then _select does not
+        # take the native route either)
+        pos = _select(lut[bi], c, kb, hist, extra, fused=False)  # [Hkv, kb (+ X)] relative positions, -1 after
         out[bi, :, :pos.shape[1]] = pos.add_(a) if extra is None else torch.where(pos >= 0, pos + a, -1)
     return out, log_z
 

@@ -137,8 +137,6 @@ def _build() -> ctypes.CDLL | None:
     lib.pq_has_dtype.restype = i32
     lib.pq_select_top.argtypes = [p, i64, i64, i64, p, i64, p, p, p, p, p]
     lib.pq_select_top.restype = i32
-    lib.pq_select_top_pq.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64, p, i64, p, p, p, p, p, p]
-    lib.pq_select_top_pq.restype = i32
     lib.pq_code_z.argtypes = [p, p, i64, i64, i64, i64, i64, i64, i64, p, p]
     lib.pq_code_z.restype = i32
     lib.pq_rerank_prep.argtypes = [p, p, i64, i64, i64, p]

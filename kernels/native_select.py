@@ -28,8 +28,8 @@ def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _table() -> torch.Tensor:
-    """Per-thread float32 scratch for one row's code table (`pq_select_top_pq`, `pq_topk_pq`: 256 x 256 entries, so
-    that any pair of code bytes indexes inside it), reused across calls."""
+    """Per-thread float32 scratch for one row's code table (`pq_topk_pq`: 256 x 256 entries, so that any pair of
+    code bytes indexes inside it), reused across calls."""
     buf = getattr(_local, "table", None)
     if buf is None:
         buf = _local.table = torch.empty(256 * 256)
@@ -51,49 +51,25 @@ def _selection_outputs(rows: int, n: int, kk: int, extra: torch.Tensor | None
     return extra, x, torch.empty(rows, kk + x, dtype=torch.int64), torch.empty(rows, dtype=torch.float32)
 
 
-def select_top(rows: int, n: int, kk: int, scores: torch.Tensor | None = None,
-               factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-               extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kk best of each row's n non-negative scores, ties at the kk-th score to the earliest positions, joined
-    with extra positions; the rule of `cpu_select._select_tokens` and `_emit`.
-
-    The scores are either scores [rows, n] float32, or factors = (fa [rows, R, G] float32, fb [rows, G, K] float32,
-    codes [rows, n, m] uint8, m = 1 or 2, unit stride in m): the PQ group score of token i is
-    sum_g fa[c1, g] * fb[g, c0] (R = 1 and c1 = 0 for m = 1; see `pq_select_top_pq` in pq_codes.c). extra: optional
+def select_top(rows: int, n: int, kk: int, scores: torch.Tensor, extra: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kk best of each row's n non-negative scores [rows, n] float32, ties at the kk-th score to the earliest
+    positions, joined with extra positions; the rule of `cpu_select._select_tokens` and `_emit`. extra: optional
     [rows, X] int64 positions (-1 or out of [0, n) = none). 0 < kk <= n. Returns (pos [rows, kk + X] int64: each
     row's selected positions ascending, then -1; thr [rows] float32: each row's kk-th largest score). Raises
-    RuntimeError for a NaN or negative score (the ATen path's count of selected tokens then goes wrong too).
+    RuntimeError for a NaN or negative score (the ATen path's count of selected tokens then goes wrong too). The PQ
+    top-k scores tokens through their codes in the same kernel instead: `topk_pq`.
     """
     extra, x, out, thr = _selection_outputs(rows, n, kk, extra)
     work, cand, flag = _scratch(n)
-    tail = (None if extra is None else extra.data_ptr(), x, out.data_ptr(), thr.data_ptr(), work.data_ptr(),
-            cand.data_ptr(), flag.data_ptr())
-    if scores is not None:
-        _check(scores.dtype == torch.float32 and scores.is_contiguous() and tuple(scores.shape) == (rows, n)
-               and scores.device.type == "cpu", f"scores must be contiguous float32 [{rows}, {n}] on CPU, got "
-               f"{scores.dtype} {tuple(scores.shape)}")
-        rc = _load().pq_select_top(scores.data_ptr(), rows, n, kk, *tail)
-    else:
-        _check(factors is not None, "select_top needs scores or factors")
-        fa, fb, codes = factors
-        _check(codes.dtype == torch.uint8 and codes.dim() == 3 and tuple(codes.shape[:2]) == (rows, n)
-               and codes.shape[2] in (1, 2) and codes.stride(2) == 1 and codes.device.type == "cpu",
-               f"codes must be uint8 [{rows}, {n}, 1 or 2] on CPU with unit stride in m, got {codes.dtype} "
-               f"{tuple(codes.shape)}")
-        m = codes.shape[2]
-        for name, t in (("fa", fa), ("fb", fb)):
-            _check(t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 3 and t.shape[0] == rows
-                   and t.device.type == "cpu", f"{name} must be contiguous float32 [{rows}, *, G] on CPU, got "
-                   f"{t.dtype} {tuple(t.shape)}")
-        g, kc = fb.shape[1], fb.shape[2]
-        _check(fa.shape[2] == g and (m == 2 or fa.shape[1] == 1) and kc <= 256 and fa.shape[1] <= 256,
-               f"fa {tuple(fa.shape)} / fb {tuple(fb.shape)} do not fit m = {m}")
-        tab = _table()
-        rc = _load().pq_select_top_pq(fa.data_ptr(), fb.data_ptr(), codes.data_ptr(), codes.stride(0),
-                                      codes.stride(1), m, g, fa.shape[1], kc, rows, n, kk, *tail, tab.data_ptr())
+    _check(scores.dtype == torch.float32 and scores.is_contiguous() and tuple(scores.shape) == (rows, n)
+           and scores.device.type == "cpu", f"scores must be contiguous float32 [{rows}, {n}] on CPU, got "
+           f"{scores.dtype} {tuple(scores.shape)}")
+    rc = _load().pq_select_top(scores.data_ptr(), rows, n, kk, None if extra is None else extra.data_ptr(), x,
+                               out.data_ptr(), thr.data_ptr(), work.data_ptr(), cand.data_ptr(), flag.data_ptr())
     if rc == -2:
         raise RuntimeError("pq_topk_cpu got a NaN or negative token score (NaN in the query or the centroids?)")
-    _check(rc == 0, "native select_top rejected its arguments (a code beyond the centroids?)")
+    _check(rc == 0, "native select_top rejected its arguments")
     return out, thr
 
 
@@ -162,7 +138,7 @@ def rerank_pick(raw: torch.Tensor, log_z: torch.Tensor, ix: torch.Tensor, n: int
 def topk_pq(ex: torch.Tensor, e32: torch.Tensor, codes: torch.Tensor, kk: int, extra: torch.Tensor | None,
             tiny: float, low: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One sequence's PQ top-k in one call (`pq_topk_pq`): the denominators (the bits of `code_z`), the factor
-    tables, the code table, the scores and the radix select of `select_top(factors=...)`.
+    tables, the code table, each token's score through its codes and the radix select of `select_top`.
 
     ex: [rows, m, G, K] float64 (`log_partition.log_z_factors`); e32: [rows, m, G, K] float32, exp(lut - max over
     K) in float32; codes: [rows, n, m] uint8, unit stride in m; 0 < kk <= n; extra: optional [rows, X] int64.

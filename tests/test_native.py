@@ -142,68 +142,85 @@ def test_select_top_matches_a_sort(n, frac, ties, with_extra):
     torch.testing.assert_close(thr, scores.topk(kk, dim=-1).values[:, -1], rtol=0, atol=0)
 
 
+def _exact_pq(codes: torch.Tensor, kc: int, g: int, gen: torch.Generator, high: int = 5):
+    """Inputs of `native.topk_pq` whose float32 arithmetic is exact, and the exact scores they give.
+
+    ex is one-hot on token 0's code(s) and no other token shares them (its duplicates are re-coded in place), so
+    every denominator is exactly 1 and the factors fa = e1 / z are the integers e1; e32 holds integers in
+    [1, high), so every table entry is an exact integer sum >= 1 (never below the kernel's float32 guards). For
+    K = 1 every token has the one code (z = n): all scores are equal, only the positions are meaningful.
+    codes: [rows, n, m] uint8 (written to). Returns (ex [rows, m, G, K] float64, e32 [rows, m, G, K] float32,
+    scores [rows, n] float64)."""
+    rows, n, m = codes.shape
+    ex = torch.zeros(rows, m, g, kc, dtype=torch.float64)
+    for r in range(rows):
+        first = codes[r, 0].long().tolist()
+        if kc > 1:
+            same = (codes[r, 1:].long() == torch.tensor(first)).all(-1)
+            codes[r, 1:, m - 1][same] = (first[m - 1] + 1) % kc
+        for j in range(m):
+            ex[r, j, :, first[j]] = 1.0
+    e32 = torch.randint(1, high, (rows, m, g, kc), generator=gen).float()
+    c0 = codes[..., 0].long()
+    scores = torch.stack([e32[r, 0][:, c0[r]].double().sum(0) if m == 1 else
+                          (e32[r, 0][:, c0[r]] * e32[r, 1][:, codes[r, :, 1].long()]).double().sum(0)
+                          for r in range(rows)])
+    return ex, e32, scores
+
+
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("kc", [1, 16, 64, 256])
 @pytest.mark.parametrize("g", [1, 4, 8])
 @pytest.mark.parametrize("n", [17, 1000])
-def test_select_top_pq_scores_tokens_through_their_codes(m, kc, g, n):
-    """factors=(fa, fb, codes): token i scores sum_g fa[c1, g] * fb[g, c0]. Small integer factors keep every
-    float32 sum exact, so the result must equal the sort rule on the exact scores (ties included), also for codes
-    read with a stride (a slice of a longer code buffer)."""
+def test_topk_pq_scores_tokens_through_their_codes(m, kc, g, n):
+    """native.topk_pq: token i scores sum_g fa[c1, g] * fb[g, c0]. Exact integer factors (`_exact_pq`), so the
+    result must equal the sort rule on the exact scores (ties included: few distinct values), joined with extra
+    positions, also for codes read with a stride (a slice of a longer code buffer)."""
     gen = _gen(m * 1000 + kc + g + n)
     rows = 3
-    r = kc if m == 2 else 1
-    fa = torch.randint(0, 4, (rows, r, g), generator=gen).float()
-    fb = torch.randint(0, 4, (rows, g, kc), generator=gen).float()
     codes = torch.randint(0, kc, (rows, n + 9, m), generator=gen, dtype=torch.uint8)[:, 5:5 + n]
-    c0 = codes[..., 0].long()
-    c1 = codes[..., 1].long() if m == 2 else torch.zeros_like(c0)
-    scores = torch.stack([(fa[h][c1[h]] * fb[h].t()[c0[h]]).sum(-1) for h in range(rows)])  # exact integers
+    ex, e32, scores = _exact_pq(codes, kc, g, gen)
     kk = max(1, n // 5)
     extra = torch.randint(-1, n, (rows, 4), generator=gen)
-    pos, thr = native.select_top(rows, n, kk, factors=(fa, fb, codes), extra=extra)
+    pos, z = native.topk_pq(ex, e32, codes, kk, extra, 1e-20, 1e-30)
     assert _rows(pos) == _select_ref(scores, kk, extra)
-    torch.testing.assert_close(thr, scores.topk(kk, dim=-1).values[:, -1], rtol=0, atol=0)
+    torch.testing.assert_close(z, torch.full_like(z, 1.0 if kc > 1 else float(n)), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["packed", "every_other_token"])
 @pytest.mark.parametrize("n", [256, 1000, 4133])
 @pytest.mark.parametrize("kc,g", [(64, 4), (256, 8), (256, 1)])
-def test_select_top_pq_long_rows(layout, n, kc, g):
+def test_topk_pq_long_rows(layout, n, kc, g):
     """Rows long enough for the blocked loops (256 tokens per block, 16 per vector, ragged tails): packed code
     pairs take the gather path of an AVX-512 build, codes of every other token the scalar one; both equal the sort
-    rule on the exact scores (small integer factors), ties included, with and without extra positions."""
+    rule on the exact scores (`_exact_pq`), ties included, with and without extra positions, and for kk = n."""
     gen = _gen(n + kc + g)
-    rows, m = 2, 2
-    fa = torch.randint(0, 5, (rows, kc, g), generator=gen).float()
-    fb = torch.randint(0, 5, (rows, g, kc), generator=gen).float()
-    full = torch.randint(0, kc, (rows, 2 * n, m), generator=gen, dtype=torch.uint8)
+    rows = 2
+    full = torch.randint(0, kc, (rows, 2 * n, 2), generator=gen, dtype=torch.uint8)
     codes = full[:, :n] if layout == "packed" else full[:, ::2]
-    c0, c1 = codes[..., 0].long(), codes[..., 1].long()
-    scores = torch.stack([(fa[h][c1[h]] * fb[h].t()[c0[h]]).sum(-1) for h in range(rows)])
+    ex, e32, scores = _exact_pq(codes, kc, g, gen)
     for kk, extra in ((n // 5, None), (n // 10, torch.randint(-1, n, (rows, 9), generator=gen)), (n, None)):
-        pos, thr = native.select_top(rows, n, kk, factors=(fa, fb, codes), extra=extra)
+        pos, _ = native.topk_pq(ex, e32, codes, kk, extra, 1e-20, 1e-30)
         assert _rows(pos) == _select_ref(scores, kk, extra)
-        torch.testing.assert_close(thr, scores.topk(kk, dim=-1).values[:, -1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("where", ["block", "tail"])
 @pytest.mark.parametrize("which", ["c0", "c1", "nan"])
-def test_select_top_pq_reports_bad_codes_and_nan_anywhere(where, which):
+def test_topk_pq_reports_bad_codes_and_nan_anywhere(where, which):
     """A code beyond the centroids (in either byte) or a NaN factor is reported whether the token falls in a
     blocked (vector) stretch or in the ragged tail: never a silent out-of-table read."""
     n, kc, g = 1000, 16, 4
-    fa, fb = torch.rand(2, kc, g, generator=_gen(1)), torch.rand(2, g, kc, generator=_gen(2))
     codes = torch.randint(0, kc, (2, n, 2), generator=_gen(3), dtype=torch.uint8)
+    ex, e32, _ = _exact_pq(codes, kc, g, _gen(1))
     i = 300 if where == "block" else n - 3
     if which == "nan":
-        fb[1, 2, codes[1, i, 0]] = float("nan")
+        e32[1, 0, 2, codes[1, i, 0]] = float("nan")
         with pytest.raises(RuntimeError, match="NaN or negative"):
-            native.select_top(2, n, 50, factors=(fa, fb, codes))
+            native.topk_pq(ex, e32, codes, 50, None, 1e-20, 1e-30)
         return
     codes[1, i, 0 if which == "c0" else 1] = 200
     with pytest.raises(ValueError, match="beyond the centroids"):
-        native.select_top(2, n, 50, factors=(fa, fb, codes))
+        native.topk_pq(ex, e32, codes, 50, None, 1e-20, 1e-30)
 
 
 _BUILDS = """
@@ -213,13 +230,11 @@ print("avx512", native.has_avx512())
 g = torch.Generator().manual_seed(7)
 out = {}
 for n, kc, gg in ((1000, 64, 4), (4133, 256, 8)):
-    fa, fb = torch.rand(3, kc, gg, generator=g), torch.rand(3, gg, kc, generator=g)
     codes = torch.randint(0, kc, (3, n, 2), generator=g, dtype=torch.uint8)
     scores = torch.rand(3, n, generator=g)
     extra = torch.randint(-1, n, (3, 5), generator=g)
     ex = torch.rand(3, 2, gg, kc, generator=g, dtype=torch.float64)
-    out[n] = (native.select_top(3, n, n // 7, factors=(fa, fb, codes), extra=extra),
-              native.select_top(3, n, n // 3, scores=scores), native.code_z(ex, codes))
+    out[n] = (native.select_top(3, n, n // 3, scores, extra=extra), native.code_z(ex, codes))
     e32 = torch.rand(3, 2, gg, kc, generator=g)
     out[("topk_pq", n)] = native.topk_pq(ex, e32, codes, n // 7, extra, 1e-20, 1e-30)
 # the row loops (runs and scattered rows) and the lookup table: integer-valued inputs, so every build's sums are
@@ -254,10 +269,9 @@ def test_portable_build_selects_the_same(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     portable, here = torch.load(tmp_path / "portable.pt"), torch.load(tmp_path / "here.pt")
     for n in (1000, 4133):
-        (pp, pt), (sp, st), pz = portable[n]
-        (hp, ht), (sh, sth), hz = here[n]
-        assert torch.equal(pp, hp) and torch.equal(sp, sh) and torch.equal(st, sth)
-        torch.testing.assert_close(pt, ht, rtol=1e-6, atol=0)
+        (sp, st), pz = portable[n]
+        (sh, sth), hz = here[n]
+        assert torch.equal(sp, sh) and torch.equal(st, sth)
         torch.testing.assert_close(pz, hz, rtol=1e-12, atol=0)
         (tp, zp), (th, zh) = portable[("topk_pq", n)], here[("topk_pq", n)]
         assert torch.equal(tp, th)
@@ -306,10 +320,10 @@ def test_rerank_pick_matches_the_aten_rule(s, kk, k, g):
 @pytest.mark.parametrize("g", [1, 4, 8])
 @pytest.mark.parametrize("n,layout", [(17, "packed"), (97, "strided"), (1000, "packed"), (5000, "strided")])
 def test_topk_pq_equals_the_separate_calls(m, kc, g, n, layout):
-    """native.topk_pq (one call per sequence) gives the bits of the separate route: code_z's denominators, the
-    float32 factor tables of `_code_scores`, select_top's positions (with extra positions); and None, not a wrong
-    answer, where a float32 denominator would underflow."""
-    from pqpatch.kernels import cpu_select
+    """native.topk_pq (one call per sequence) on realistic factors: code_z's denominators bit for bit (the
+    shortlist's log-partition and `pq_log_partition` must agree), positions obeying the rule on the scores of the
+    same float32 factors (checked with a float32-rounding slack at the threshold); and None, not a wrong answer,
+    where a float32 denominator would underflow. Exact-arithmetic checks of the positions: the tests above."""
     from pqpatch.kernels.log_partition import log_z_factors
 
     gen = _gen(m * 7 + kc + g * 3 + n)
@@ -323,9 +337,19 @@ def test_topk_pq_equals_the_separate_calls(m, kc, g, n, layout):
     pos, z = native.topk_pq(ex, e32, codes, kk, extra, 1e-20, 1e-30)
     want_z = native.code_z(ex, codes)
     assert torch.equal(z, want_z)
-    (fa, fb), *_ = cpu_select._code_scores(lut, codes, factors=True, z=want_z)
-    want_pos, _ = native.select_top(rows, n, kk, factors=(fa, fb, codes), extra=extra)
-    assert torch.equal(pos, want_pos)
+    zf = want_z.float()  # the kernel's factors: fa = e1 / z in float32, fb = e0
+    c0, c1 = codes[..., 0].long(), (codes[..., 1].long() if m == 2 else torch.zeros_like(codes[..., 0]).long())
+    fa = (e32[:, 1] if m == 2 else torch.ones(rows, g, kc)) / zf[:, :, None]  # [rows, G, R]
+    score = torch.stack([(fa[r][:, c1[r]].double() * e32[r, 0][:, c0[r]].double()).sum(0) for r in range(rows)])
+    for r in range(rows):
+        sel = pos[r][pos[r] >= 0]
+        sel = sel[~torch.isin(sel, extra[r])]  # the top-k part (an extra position may also be a top-k one)
+        thr = score[r].topk(kk).values[-1]
+        assert len(set(pos[r][pos[r] >= 0].tolist())) == len(pos[r][pos[r] >= 0])  # each position once
+        assert bool((score[r][sel] >= thr * (1 - 1e-6)).all())  # nothing below the k-th score kept...
+        outside = torch.ones(n, dtype=torch.bool)
+        outside[pos[r][pos[r] >= 0]] = False
+        assert bool((score[r][outside] <= thr * (1 + 1e-6)).all())  # ...and nothing above it left out
     peaked = lut.clone()
     peaked[1, :, :, 0] = 300.0  # one code far above the rest: the others' factors underflow float32...
     peaked[1, :, :, 1:] = -300.0
@@ -376,14 +400,15 @@ def test_select_top_rejects_nan_and_bad_arguments():
     s = torch.rand(2, 10)
     s[1, 3] = float("nan")
     with pytest.raises(RuntimeError, match="NaN or negative"):
-        native.select_top(2, 10, 3, scores=s)
+        native.select_top(2, 10, 3, s)
     with pytest.raises(RuntimeError, match="NaN or negative"):
-        native.select_top(2, 10, 3, scores=-torch.rand(2, 10))
+        native.select_top(2, 10, 3, -torch.rand(2, 10))
     with pytest.raises(ValueError, match="0 < kk <= n"):
-        native.select_top(2, 10, 11, scores=torch.rand(2, 10))
+        native.select_top(2, 10, 11, torch.rand(2, 10))
     codes = torch.full((2, 10, 2), 9, dtype=torch.uint8)  # codes beyond 8 centroids
+    ex, e32 = torch.rand(2, 2, 4, 8, dtype=torch.float64), torch.rand(2, 2, 4, 8)
     with pytest.raises(ValueError, match="beyond the centroids"):
-        native.select_top(2, 10, 3, factors=(torch.rand(2, 8, 4), torch.rand(2, 4, 8), codes))
+        native.topk_pq(ex, e32, codes, 3, None, 1e-20, 1e-30)
 
 
 @pytest.mark.parametrize("layout", ["slice", "permuted"])

@@ -71,34 +71,6 @@ static int score_row(const float *tab, const uint8_t *cr, int64_t cs1, int64_t m
     return bad;
 }
 
-/* The PQ group score of token i of row r, from its codes (c0, c1) and two small per-row factor tables:
- *   score = sum_g fa[r, c1, g] * fb[r, g, c0]
- * (fa = exp(lut1 - max) / Z_g, fb = exp(lut0 - max): the factorised softmax of `cpu_select._code_scores`; m = 1
- * passes one fa row and reads c1 = 0). The row's code table (`build_table`, vectorised over c0; R x K floats at row
- * stride 256: 256 KB for b = 8, in L2) is built first, then read once per token: cheaper than G products per token,
- * and than one table for all rows (2 MB for 8 heads, a lookup per token then misses L2).
- * fa: [rows, R, G]; fb: [rows, G, K]; codes: uint8, token i of row r at codes + r * cs0 + i * cs1 (c0, then c1 at
- * +1 when m = 2); tab: [65536] float32 scratch (entries outside R x K are never initialised: a code that reads one
- * is reported, -1). */
-int pq_select_top_pq(const float *fa, const float *fb, const uint8_t *codes, int64_t cs0, int64_t cs1, int64_t m,
-                     int64_t g, int64_t r_count, int64_t kc, int64_t rows, int64_t n, int64_t kk,
-                     const int64_t *extra, int64_t x, int64_t *out, float *thr_out, uint32_t *work, uint32_t *cand,
-                     uint8_t *flag, float *tab) {
-    if (kk <= 0 || kk > n || g <= 0 || (m != 1 && m != 2) || kc <= 0 || kc > 256 || r_count <= 0
-        || r_count > 256 || (m == 1 && r_count != 1))
-        return -1;
-    for (int64_t r = 0; r < rows; r++) {
-        build_table(fa + r * r_count * g, fb + r * g * kc, r_count, g, kc, tab);
-        int64_t hist[2048];
-        memset(hist, 0, sizeof(hist));
-        const int bad = score_row(tab, codes + r * cs0, cs1, m, kc, r_count, n, work, hist);
-        if (bad & 1) return -1;  /* a code beyond the centroids */
-        if (bad) return -2;      /* NaN or negative */
-        pq_select_row(work, hist, cand, flag, n, kk, extra ? extra + r * x : 0, x, out + r * (kk + x), thr_out + r);
-    }
-    return 0;
-}
-
 typedef double v4d __attribute__((vector_size(32)));  /* GCC / clang vector extension: 4 doubles */
 
 /* part[c1 * g + j] += a[j] for one token */
@@ -182,11 +154,13 @@ int pq_code_z(const double *ex, const uint8_t *codes, int64_t cs0, int64_t cs1, 
     return bad ? -1 : 0;
 }
 
-/* ---- the whole PQ top-k of one sequence in one call (cpu_select._select_fused) -----------------------------------
+/* ---- the whole PQ top-k of one sequence in one call (cpu_select.select_fused) ------------------------------------
  * Per row: the softmax denominators (z_row, the bits of pq_code_z), the two factor tables of the group score
- * (fa[c1, g] = e1[g, c1] / z_g rounded to float32, fb = e0: `cpu_select._code_scores` with factors=True), the code
- * table, the scores and the radix select (pq_select_top_pq's loops). One call instead of ~20 ATen ops and three
- * kernels between them (~0.2 ms per step warm, more with cold caches after a layer's attention).
+ * score = sum_g fa[c1, g] * fb[g, c0] with fa[c1, g] = e1[g, c1] / z_g in float32 (for m = 1 one row, 1 / z_g) and
+ * fb = e0: the factorised softmax of `cpu_select._code_scores`, whose float32 table is its ATen counterpart. Then
+ * the code table (`build_table`), every token's score through its codes (`score_row`) and the radix select. One
+ * call instead of ~20 ATen ops and three kernels between them (~0.2 ms per step warm, more with cold caches after
+ * a layer's attention).
  * ex: [rows, m, G, K] float64, exp(lut - max over K); e32: [rows, m, G, K] float32, the same factors computed in
  * float32 (what `_code_scores` computes); z_out: [rows, G] float64, written. scratch: [4 * 256 * G] float64;
  * fscratch: [256 * G] float32; tab: [65536] float32. Returns 0; -1 bad argument / code >= K; -2 NaN or negative

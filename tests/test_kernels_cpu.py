@@ -142,6 +142,18 @@ def test_pq_topk_cpu_float32_code_table_redoes_peaked_queries_in_float64(monkeyp
         assert True in wide  # the float64 redo did run on this peaked query
 
 
+def test_pq_topk_cpu_codes_without_unit_stride_in_m(cpu_path):
+    """Codes whose two bytes per token are not adjacent (a [B, Hkv, m, N] buffer seen as [B, Hkv, N, m]) take the
+    ATen route instead of the native kernels (which read packed pairs), and obey the rule; the shortlist too."""
+    x = _pq_inputs(11, 1, 2, 4, 64, 2, 6, 3000)
+    x["codes"] = x["codes"].permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # stride 3000 between the bytes
+    assert x["codes"].stride(3) != 1
+    idx = kernels.pq_topk(**x, k=600, scaling=0.125, backend="cpu")
+    assert_topk_rule(idx, x, 600, 0.125)
+    short, _ = kernels.pq_shortlist(**x, k=600, scaling=0.125, backend="cpu")
+    assert_topk_rule(short, x, 600, 0.125)
+
+
 def test_pq_topk_cpu_ties_are_resolved_by_position():
     """m = 1 with 4 codes: thousands of exact ties; exactly k taken, the earliest ones at the threshold."""
     x = _pq_inputs(5, 1, 1, 2, 32, 1, 2, 2000)
